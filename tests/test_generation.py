@@ -1,0 +1,89 @@
+import torch
+
+from rlhf_core.generation import SamplingConfig, sample_stream, sample_traces
+from rlhf_core.logprobs import collate, completion_logps
+from rlhf_core.prompts import build_messages, encode_prompt
+
+
+def test_traces_carry_ids_text_finish_reason_and_logps(tiny_lm, case):
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=12, seed=7))
+    prompt = encode_prompt(tiny_lm.tokenizer, build_messages(case))
+    assert len(traces) == 3
+    for t in traces:
+        assert t.prompt_ids == prompt
+        assert 1 <= len(t.completion_ids) <= 12
+        assert len(t.old_logps) == len(t.ref_logps) == len(t.completion_ids)
+        assert t.finish_reason in ("eos", "length")
+        assert (t.finish_reason == "length") == (len(t.completion_ids) == 12 and t.completion_ids[-1] != 258)
+        assert t.text == tiny_lm.tokenizer.decode(t.completion_ids, skip_special_tokens=True)
+        assert all(lp <= 0 for lp in t.old_logps)
+        # at version 0 the policy is the reference
+        assert t.old_logps == t.ref_logps
+
+
+def test_stored_logps_equal_a_fresh_forward(tiny_lm, case):
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=10, seed=3))
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        fresh = completion_logps(tiny_lm.model, batch)
+    for i, t in enumerate(traces):
+        assert torch.allclose(fresh[i, : len(t.completion_ids)], torch.tensor(t.old_logps), atol=1e-5)
+        # and the same numbers as a manual full-vocabulary log-softmax over a single sequence
+        ids = torch.tensor([t.prompt_ids + t.completion_ids])
+        with torch.no_grad():
+            logits = tiny_lm.model(input_ids=ids).logits[0, len(t.prompt_ids) - 1 : -1]
+        manual = torch.log_softmax(logits, -1).gather(-1, torch.tensor(t.completion_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(manual, torch.tensor(t.old_logps), atol=1e-4)
+
+
+def test_same_seed_same_traces_and_different_seed_differs(tiny_lm, case):
+    a = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=16, seed=11))
+    b = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=16, seed=11))
+    c = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=16, seed=12))
+    assert [t.completion_ids for t in a] == [t.completion_ids for t in b]
+    assert [t.completion_ids for t in a] != [t.completion_ids for t in c]
+
+
+def test_batched_sampling_matches_sequence_by_sequence_decoding(tiny_lm, case):
+    # the shared-prefix KV cache must give the same next-token distribution as a full forward
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=8, temperature=0, seed=0))
+    ids = torch.tensor([traces[0].prompt_ids])
+    for _ in range(len(traces[0].completion_ids)):
+        with torch.no_grad():
+            nxt = tiny_lm.model(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert ids[0, len(traces[0].prompt_ids):].tolist() == traces[0].completion_ids
+    assert traces[0].completion_ids == traces[1].completion_ids  # greedy: all rows agree
+
+
+def test_stream_yields_growing_partial_texts_then_traces(tiny_lm, case):
+    updates = list(sample_stream(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=20, seed=5, stream_every=4, temperature=2.0)))
+    assert updates[-1].traces is not None and len(updates[-1].traces) == 2
+    partial = [u for u in updates if u.traces is None]
+    assert len(partial) >= 2
+    assert all(u.new_tokens < v.new_tokens for u, v in zip(partial, partial[1:]))
+
+
+def test_hinted_traces_are_rationalised_and_scored_on_the_plain_prompt(tiny_lm, case):
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=6, seed=1), hint=case.answer)
+    plain = encode_prompt(tiny_lm.tokenizer, build_messages(case))
+    hinted = encode_prompt(tiny_lm.tokenizer, build_messages(case, hint=case.answer))
+    assert hinted != plain
+    assert all(t.rationalised and t.prompt_ids == plain for t in traces)
+
+
+def test_plain_prompt_for_models_without_chat_template(tiny_lm, case):
+    tiny_lm.tokenizer.chat_template = None
+    ids = encode_prompt(tiny_lm.tokenizer, build_messages(case))
+    text = tiny_lm.tokenizer.decode(ids)
+    assert "Case: " + case.question in text and text.endswith("Reasoning:")
+    assert "Final diagnosis:" in text
+
+
+def test_sampling_config_validation():
+    import pytest
+
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="k"):
+        SamplingConfig(k=0)

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from rlhf_core.models import REGISTRY, ModelUnavailableError, availability, load_model, pick_dtype, resolve_spec
+
+
+def test_registry_names():
+    assert {"smollm2-135m", "smollm-135m", "phi-1.5", "tinyllama-1.1b", "tiny-random"} <= set(REGISTRY)
+    assert resolve_spec("microsoft/phi-1_5").hub_id == "microsoft/phi-1_5"
+
+
+def test_unknown_model_gives_one_clear_error():
+    with pytest.raises(ModelUnavailableError, match="unknown model 'nope'.*one of"):
+        resolve_spec("nope")
+
+
+def test_uncached_hub_model_offline_is_unavailable_with_reason(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state, why = availability("phi-1.5")
+    assert state in ("unavailable", "available")
+    if state == "unavailable":
+        assert "not cached" in why
+        with pytest.raises(ModelUnavailableError, match="could not be loaded"):
+            load_model("phi-1.5", device="cpu")
+
+
+def test_tiny_random_is_deterministic():
+    a = load_model("tiny-random", device="cpu")
+    b = load_model("tiny-random", device="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_dtype_choice():
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        pick_dtype(torch.device("cpu"), "float16x")
+
+
+def test_full_reference_is_a_frozen_copy_and_reset_restores_it():
+    lm = load_model("tiny-random", device="cpu")
+    assert lm._reference is not lm.model
+    assert not any(p.requires_grad for p in lm._reference.parameters())
+    with torch.no_grad():
+        next(lm.model.parameters()).add_(1.0)
+    lm.reset_to_reference()
+    assert all(torch.equal(p, q) for p, q in zip(lm.model.parameters(), lm._reference.parameters()))
+
+
+def test_lora_reference_is_the_same_module_with_adapter_disabled():
+    lm = load_model("tiny-random", device="cpu", lora=True)
+    with lm.reference() as ref:
+        assert ref is lm.model
+    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
