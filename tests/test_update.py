@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+
+from rlhf_core.generation import SamplingConfig, sample_traces
+from rlhf_core.update import DPOConfig, GRPOConfig, PolicyTrainer, check_ranking, make_config, rank_rewards, ranking_pairs
+
+
+@pytest.fixture
+def traces(tiny_lm, case):
+    return sample_traces(tiny_lm, case, SamplingConfig(k=4, max_new_tokens=16, seed=21, temperature=1.5))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_ranking_pairs_and_rewards():
+    assert ranking_pairs([2, 0, 1]) == ([2, 2, 0], [0, 1, 1])
+    assert len(ranking_pairs([3, 1, 0, 2])[0]) == 6  # C(4, 2)
+    assert rank_rewards([2, 0, 1]) == [0.5, 0.0, 1.0]
+    with pytest.raises(ValueError, match="exactly once"):
+        check_ranking([0, 0, 1], 3)
+    with pytest.raises(ValueError, match="exactly once"):
+        check_ranking([0, 2], 3)
+
+
+def test_first_dpo_step_has_loss_ln2_and_zero_rewards(tiny_lm, traces):
+    trainer = PolicyTrainer(tiny_lm)
+    steps = []
+    trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=1, lr=1e-3), on_step=steps.append)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_repeated_dpo_updates_raise_margin_and_lower_loss(tiny_lm, traces):
+    trainer = PolicyTrainer(tiny_lm)
+    ref_before = [list(t.ref_logps) for t in traces]
+    params_before = snapshot(tiny_lm.model)
+    reference_before = snapshot(tiny_lm._reference)
+    history = [trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=2, lr=1e-3)) for _ in range(4)]
+    margins = [h["rewards/margins"] for h in history]
+    losses = [h["loss"] for h in history]
+    assert margins == sorted(margins) and margins[-1] > margins[0] + 0.05
+    assert losses == sorted(losses, reverse=True) and losses[-1] < math.log(2) - 0.05
+    assert history[-1]["rewards/accuracies"] == 1.0
+    assert history[-1]["version"] == 4 and trainer.version == 4
+    assert history[-1]["kl"] > history[0]["kl"] > 0
+    # parameters changed, the reference did not, stored reference log-probs did not
+    assert any(not torch.equal(params_before[n], p) for n, p in tiny_lm.model.named_parameters())
+    assert all(torch.equal(reference_before[n], p) for n, p in tiny_lm._reference.named_parameters())
+    assert [t.ref_logps for t in traces] == ref_before
+    with torch.no_grad(), tiny_lm.reference() as ref:
+        from rlhf_core.logprobs import collate, completion_logps
+
+        batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
+        again = completion_logps(ref, batch)
+    assert torch.allclose(again[0, : len(traces[0].ref_logps)], torch.tensor(ref_before[0]), atol=1e-6)
+
+
+def test_update_metrics_have_trl_names(tiny_lm, traces):
+    dpo = PolicyTrainer(tiny_lm).update(traces, [3, 2, 1, 0], DPOConfig(steps=1))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "kl", "grad_norm", "seconds", "version"):
+        assert isinstance(dpo[key], (float, int)), key
+    grpo = PolicyTrainer(tiny_lm).update(traces, [3, 2, 1, 0], GRPOConfig(steps=1))
+    for key in ("loss", "reward", "reward_std", "clip_ratio", "kl", "grad_norm", "seconds", "version"):
+        assert isinstance(grpo[key], (float, int)), key
+    assert grpo["reward"] == pytest.approx(0.5)
+
+
+def test_one_forward_per_step_plus_one_for_kl(tiny_lm, traces):
+    trainer = PolicyTrainer(tiny_lm)
+    calls = {"policy": 0, "reference": 0}
+    h1 = tiny_lm.model.register_forward_pre_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
+    h2 = tiny_lm._reference.register_forward_pre_hook(lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
+    try:
+        trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=3))
+    finally:
+        h1.remove()
+        h2.remove()
+    # K traces in one batch per step (not 2 * C(K, 2) sequences), and no reference forward at all
+    assert calls == {"policy": 3 + 1, "reference": 0}
+    assert trainer.forward_passes == 4
+
+
+def test_grpo_updates_move_probability_toward_higher_ranked(tiny_lm, traces):
+    trainer = PolicyTrainer(tiny_lm)
+    ranking = [2, 0, 3, 1]
+    best, worst = ranking[0], ranking[-1]
+    before = sum(traces[best].old_logps) - sum(traces[worst].old_logps)
+    for _ in range(4):
+        m = trainer.update(traces, ranking, GRPOConfig(steps=2, lr=1e-3, beta=0.0, clip_eps=0.9, clip_eps_high=100.0))
+    from rlhf_core.logprobs import collate, completion_logps
+
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        now = completion_logps(tiny_lm.model, batch).sum(-1)
+    assert (now[best] - now[worst]).item() > before + 0.1
+    assert m["version"] == 4
+
+
+def test_all_equal_grpo_group_gives_zero_advantages_and_no_gradient(tiny_lm, traces):
+    from rlhf_core.logprobs import collate, completion_logps
+    from rlhf_core.losses import group_advantages, grpo_loss
+
+    advantages = group_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    assert torch.equal(advantages, torch.zeros(4))
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
+    logps = completion_logps(tiny_lm.model, batch)
+    loss, _ = grpo_loss(logps, logps.detach(), logps.detach(), advantages, batch.completion_mask, beta=0.0)
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in tiny_lm.model.parameters())
+
+
+def test_non_finite_loss_skips_step_and_leaves_weights(tiny_lm, traces):
+    traces[0].ref_logps = [float("nan")] * len(traces[0].ref_logps)
+    before = snapshot(tiny_lm.model)
+    trainer = PolicyTrainer(tiny_lm)
+    m = trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=2, lr=1e-2))
+    assert m["skipped"] is True and m["skipped_steps"] == 2 and m["version"] == 0
+    assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters())
+
+
+def test_lora_update_trains_only_the_adapter_and_reference_is_the_base(tiny_lora_lm, case):
+    lm = tiny_lora_lm
+    traces = sample_traces(lm, case, SamplingConfig(k=3, max_new_tokens=12, seed=2, temperature=1.5))
+    base_before = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "lora_" not in n}
+    trainer = PolicyTrainer(lm)
+    for _ in range(3):
+        m = trainer.update(traces, [0, 1, 2], DPOConfig(steps=2, lr=5e-3))
+    assert m["kl"] > 0 and m["rewards/margins"] > 0
+    assert all(torch.equal(base_before[n], p) for n, p in lm.model.named_parameters() if "lora_" not in n)
+    assert lm._reference is None  # no second copy of the weights
+    from rlhf_core.logprobs import collate, completion_logps
+
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], lm.tokenizer.pad_token_id, "cpu")
+    with lm.reference() as ref:
+        ref_now = completion_logps(ref, batch)
+    assert torch.allclose(ref_now[0, : len(traces[0].ref_logps)], torch.tensor(traces[0].ref_logps), atol=1e-5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="beta"):
+        DPOConfig(beta=0)
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="algorithm"):
+        make_config("ppo")
+    with pytest.raises(ValueError, match="learning rate"):
+        DPOConfig(lr=-1.0)
