@@ -59,23 +59,35 @@ def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torc
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def completion_logps(model: torch.nn.Module, batch: CompletionBatch) -> torch.Tensor:
+def completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool = True) -> torch.Tensor:
     """Per-token log-probs of each completion token given prompt and preceding tokens.
 
-    One forward pass over the K sequences; the LM head runs only at the T + 1
-    last positions (the ones that predict completion tokens), not over the prompt.
+    With ``share_prompt`` the prompt, identical for all K rows, is forwarded
+    once and its key/value cache repeated K times (gradients flow through it),
+    instead of K times; the LM head then runs only at the positions that
+    predict completion tokens. Without it, one plain forward over the K full
+    sequences (the reference path, and the fallback for caches that cannot
+    be repeated). Padding is on the right only, so causal attention never lets
+    a real token see a pad and no attention mask is needed.
 
     Returns:
         [K, T] float32 log-probs, 0 at padding positions. Differentiable when
         called with grad enabled.
     """
-    t = batch.completion_ids.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-        logits_to_keep=t + 1,
-    )
+    k, t = batch.completion_ids.shape
+    p = batch.prompt_len
+    if share_prompt and k > 1:
+        prompt_out = model(input_ids=batch.input_ids[:1, :p], use_cache=True, logits_to_keep=1)
+        cache = prompt_out.past_key_values
+        if hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(k)
+            first = prompt_out.logits[:, -1:, :].expand(k, 1, -1)
+            if t > 1:
+                rest = model(input_ids=batch.completion_ids[:, :-1], past_key_values=cache, use_cache=True).logits
+                logits = torch.cat([first, rest], dim=1)
+            else:
+                logits = first
+            return token_logps_from_logits(logits, batch.completion_ids) * batch.completion_mask
+    out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=t + 1)
     logits = out.logits[:, -(t + 1) : -1, :]
-    logps = token_logps_from_logits(logits, batch.completion_ids)
-    return logps * batch.completion_mask
+    return token_logps_from_logits(logits, batch.completion_ids) * batch.completion_mask

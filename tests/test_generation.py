@@ -87,3 +87,19 @@ def test_sampling_config_validation():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="k"):
         SamplingConfig(k=0)
+
+
+def test_shared_prompt_logps_and_gradients_match_full_forward(tiny_lm, case):
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=9, seed=8, temperature=1.5))
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
+    params = [p for p in tiny_lm.model.parameters()]
+    grads = []
+    values = []
+    for share in (True, False):
+        logps = completion_logps(tiny_lm.model, batch, share_prompt=share)
+        logps.sum().backward()
+        values.append(logps.detach())
+        grads.append([p.grad.clone() for p in params])
+        tiny_lm.model.zero_grad(set_to_none=True)
+    assert torch.allclose(values[0], values[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))

@@ -70,18 +70,26 @@ def test_update_metrics_have_trl_names(tiny_lm, traces):
     assert grpo["reward"] == pytest.approx(0.5)
 
 
-def test_one_forward_per_step_plus_one_for_kl(tiny_lm, traces):
+def test_one_batched_pass_per_step_plus_one_for_kl_and_no_reference(tiny_lm, traces):
     trainer = PolicyTrainer(tiny_lm)
-    calls = {"policy": 0, "reference": 0}
-    h1 = tiny_lm.model.register_forward_pre_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
-    h2 = tiny_lm._reference.register_forward_pre_hook(lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
+    rows = {"policy": [], "reference": 0}
+
+    def policy_hook(module, args, kwargs):
+        rows["policy"].append(tuple(kwargs["input_ids"].shape))
+
+    h1 = tiny_lm.model.register_forward_pre_hook(policy_hook, with_kwargs=True)
+    h2 = tiny_lm._reference.register_forward_pre_hook(lambda *a: rows.__setitem__("reference", rows["reference"] + 1))
     try:
         trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=3))
     finally:
         h1.remove()
         h2.remove()
-    # K traces in one batch per step (not 2 * C(K, 2) sequences), and no reference forward at all
-    assert calls == {"policy": 3 + 1, "reference": 0}
+    k, p = len(traces), len(traces[0].prompt_ids)
+    t = max(len(tr.completion_ids) for tr in traces)
+    # per pass: the shared prompt once (1 row), then the K completions in one batch;
+    # never 2 * C(K, 2) sequences, and the reference model is never run
+    assert rows["policy"] == [(1, p), (k, t - 1)] * (3 + 1)
+    assert rows["reference"] == 0
     assert trainer.forward_passes == 4
 
 
