@@ -1,0 +1,165 @@
+"""Rejection sampling: draw traces in batches until K distinct ones reach the
+correct diagnosis, or the sample budget is spent.
+
+When the budget runs out short, the remainder may be filled with rationalised
+traces (STaR): sampled with the correct diagnosis as a hint, then verified like
+any other. They are trained on as answering the un-hinted prompt and always
+carry ``rationalised=True``. No trace text is ever edited or appended to.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from .cases import Case
+from .generation import GenerationUpdate, SamplingConfig, Trace
+from .safety import check_safety
+from .verify import check_trace
+
+# generate(case, config, hint) -> stream of GenerationUpdate, the last one carrying traces
+GenerateFn = Callable[[Case, SamplingConfig, "str | None"], Iterator[GenerationUpdate]]
+
+
+@dataclass
+class RejectionConfig:
+    """How hard to look for verified traces."""
+
+    k: int = 4  # accepted, distinct traces wanted
+    budget: int = 12  # most un-hinted samples to draw for one case
+    rationalise: bool = True  # fill a shortfall with hinted (rationalised) traces
+    rationalise_budget: int = 8  # most hinted samples to draw
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.k <= 16:
+            raise ValueError(f"k (traces to rank) must be between 2 and 16, got {self.k}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1 sample, got {self.budget}")
+        if self.rationalise_budget < 0:
+            raise ValueError(f"rationalise_budget must be >= 0, got {self.rationalise_budget}")
+
+
+@dataclass
+class SamplingReport:
+    """Accounting of one rejection-sampling run: sampled = accepted + rejected."""
+
+    sampled: int = 0  # un-hinted samples drawn
+    accepted: int = 0  # un-hinted samples kept
+    rejected: int = 0
+    rejected_by_reason: Counter = field(default_factory=Counter)  # verifier code (or "duplicate") -> count
+    rationalised_sampled: int = 0
+    rationalised_accepted: int = 0
+    rationalised_rejected: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of un-hinted samples the verifier accepted (the charted metric)."""
+        return self.accepted / self.sampled if self.sampled else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["rejected_by_reason"] = dict(self.rejected_by_reason)
+        data["acceptance_rate"] = self.acceptance_rate
+        return data
+
+
+@dataclass
+class SamplerEvent:
+    """A progress snapshot for the UI."""
+
+    phase: str  # "sampling" | "rationalising" | "done"
+    partial_texts: list[str]  # texts of the batch being decoded
+    traces: list[Trace]  # every finished trace so far, accepted and rejected, in order
+    accepted: list[Trace]  # the (at most k) accepted traces to rank
+    report: SamplingReport
+    samples_done: int  # finished samples, hinted included
+    samples_planned: int  # the most samples this run can draw
+
+
+@dataclass
+class SamplerResult:
+    accepted: list[Trace]
+    all_traces: list[Trace]
+    report: SamplingReport
+
+
+def _dedup_key(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def annotate(trace: Trace, case: Case) -> Trace:
+    """Attach the verifier's verdict and the safety check to a trace."""
+    trace.verdict = check_trace(trace.text, case).to_dict()
+    trace.safety = check_safety(trace.text, case).to_dict()
+    return trace
+
+
+def sample_verified_stream(
+    generate: GenerateFn,
+    case: Case,
+    sampling: SamplingConfig,
+    rejection: RejectionConfig,
+) -> Iterator[SamplerEvent]:
+    """Yield progress while sampling; the last event (phase "done") holds the result.
+
+    ``generate`` draws one batch (of ``sampling.k`` traces), e.g.
+    ``lambda c, s, h: sample_stream(lm, c, s, version, hint=h)``.
+    """
+    report = SamplingReport()
+    accepted: list[Trace] = []
+    all_traces: list[Trace] = []
+    seen: set[str] = set()
+    planned = rejection.budget + (rejection.rationalise_budget if rejection.rationalise else 0)
+    batch_no = 0
+
+    def run_phase(hint: str | None, budget: int) -> Iterator[SamplerEvent]:
+        nonlocal batch_no
+        drawn = 0
+        phase = "rationalising" if hint else "sampling"
+        while len(accepted) < rejection.k and drawn < budget:
+            size = min(sampling.k, budget - drawn)
+            seed = None if sampling.seed is None else sampling.seed + batch_no
+            config = SamplingConfig(**{**asdict(sampling), "k": size, "seed": seed})
+            batch_no += 1
+            last = None
+            for update in generate(case, config, hint):
+                last = update
+                if update.traces is None:
+                    yield SamplerEvent(phase, update.texts, list(all_traces), list(accepted), report, len(all_traces), planned)
+            drawn += size
+            for trace in last.traces:
+                annotate(trace, case)
+                key = _dedup_key(trace.text)
+                if trace.verdict["accepted"] and key in seen:
+                    trace.verdict = {**trace.verdict, "accepted": False, "code": "duplicate", "reason": "duplicate of an accepted trace"}
+                ok = trace.verdict["accepted"]
+                if hint:
+                    report.rationalised_sampled += 1
+                    report.rationalised_accepted += ok
+                    report.rationalised_rejected += not ok
+                else:
+                    report.sampled += 1
+                    report.accepted += ok
+                    report.rejected += not ok
+                    if not ok:
+                        report.rejected_by_reason[trace.verdict["code"]] += 1
+                if ok:
+                    seen.add(key)
+                    if len(accepted) < rejection.k:  # a batch can overshoot k; extras are kept but not ranked
+                        accepted.append(trace)
+                all_traces.append(trace)
+            yield SamplerEvent(phase, [t.text for t in last.traces], list(all_traces), list(accepted), report, len(all_traces), planned)
+
+    yield from run_phase(None, rejection.budget)
+    if rejection.rationalise and len(accepted) < rejection.k:
+        yield from run_phase(case.answer, rejection.rationalise_budget)
+    yield SamplerEvent("done", [], list(all_traces), list(accepted), report, len(all_traces), planned)
+
+
+def sample_verified(generate: GenerateFn, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> SamplerResult:
+    """Non-streaming form of ``sample_verified_stream``."""
+    last = None
+    for last in sample_verified_stream(generate, case, sampling, rejection):
+        pass
+    return SamplerResult(last.accepted, last.traces, last.report)

@@ -1,0 +1,89 @@
+from rlhf_core.generation import GenerationUpdate, SamplingConfig, Trace, sample_stream
+from rlhf_core.sampler import RejectionConfig, sample_verified, sample_verified_stream
+
+RIGHT = "Fever and RLQ pain with rebound.\nFinal diagnosis: acute appendicitis"
+RIGHT_2 = "Migratory pain to McBurney's point.\nFinal diagnosis: appendicitis"
+RIGHT_3 = "Classic history and leukocytosis.\n**Final diagnosis:** Acute appendicitis."
+WRONG = "Could be lymph nodes.\nFinal diagnosis: mesenteric adenitis"
+NONE = "The patient needs imaging."
+
+
+class ScriptedGenerator:
+    """Stands in for the model: yields the given texts batch by batch, recording hints."""
+
+    def __init__(self, batches, hinted_batches=()):
+        self.batches = list(batches)
+        self.hinted = list(hinted_batches)
+        self.calls = []
+
+    def __call__(self, case, config, hint):
+        self.calls.append((config.k, hint, config.seed))
+        source = self.hinted if hint else self.batches
+        texts = source.pop(0)[: config.k]
+        yield GenerationUpdate([t[:5] for t in texts], [False] * len(texts), 1)
+        traces = [Trace(case.id, [1, 2], [3, 4], t, "eos", [-1.0, -1.0], [-1.0, -1.0], 0, rationalised=bool(hint)) for t in texts]
+        yield GenerationUpdate(texts, [True] * len(texts), 2, traces=traces)
+
+
+def test_stops_as_soon_as_k_distinct_accepted(case):
+    gen = ScriptedGenerator([[RIGHT, WRONG, RIGHT_2, NONE], [RIGHT_3, WRONG, WRONG, WRONG]])
+    result = sample_verified(gen, case, SamplingConfig(k=4, seed=10), RejectionConfig(k=3, budget=12))
+    assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2, RIGHT_3]
+    r = result.report
+    assert (r.sampled, r.accepted, r.rejected) == (8, 3, 5)
+    assert r.sampled == r.accepted + r.rejected == len(result.all_traces)
+    assert dict(r.rejected_by_reason) == {"distractor": 4, "no_conclusion": 1}
+    assert sum(r.rejected_by_reason.values()) == r.rejected
+    assert r.acceptance_rate == 3 / 8
+    assert [c[2] for c in gen.calls] == [10, 11]  # each batch gets its own seed
+    assert all(t.verdict and t.safety for t in result.all_traces)
+
+
+def test_duplicates_are_rejected_with_their_own_reason(case):
+    gen = ScriptedGenerator([[RIGHT, RIGHT, RIGHT.upper().replace("\n", "  \n "), RIGHT_2]])
+    result = sample_verified(gen, case, SamplingConfig(k=4), RejectionConfig(k=2, budget=4, rationalise=False))
+    assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2]
+    assert result.report.rejected_by_reason["duplicate"] == 2
+    assert result.report.sampled == result.report.accepted + result.report.rejected
+
+
+def test_budget_spent_fills_up_with_labelled_rationalised_traces(case):
+    gen = ScriptedGenerator([[WRONG, NONE], [RIGHT, WRONG]], hinted_batches=[[RIGHT_2, WRONG], [RIGHT_3, RIGHT]])
+    result = sample_verified(gen, case, SamplingConfig(k=2), RejectionConfig(k=3, budget=4, rationalise_budget=4))
+    assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2, RIGHT_3]
+    assert [t.rationalised for t in result.accepted] == [False, True, True]
+    r = result.report
+    assert (r.sampled, r.accepted, r.rejected) == (4, 1, 3)
+    assert (r.rationalised_sampled, r.rationalised_accepted, r.rationalised_rejected) == (4, 2, 2)
+    assert r.acceptance_rate == 0.25  # hinted samples never inflate the charted rate
+    assert [hint for _, hint, _ in gen.calls] == [None, None, case.answer, case.answer]
+    # the text of every trace is exactly what the generator produced: nothing appended
+    assert {t.text for t in result.all_traces} <= {RIGHT, RIGHT_2, RIGHT_3, WRONG, NONE}
+
+
+def test_no_rationalising_when_disabled_and_budget_respected(case):
+    gen = ScriptedGenerator([[WRONG, WRONG, WRONG], [NONE, NONE, NONE]])
+    result = sample_verified(gen, case, SamplingConfig(k=3), RejectionConfig(k=2, budget=5, rationalise=False))
+    assert result.accepted == [] and result.report.sampled == 5
+    assert [k for k, _, _ in gen.calls] == [3, 2]
+
+
+def test_stream_reports_progress_over_the_whole_run(case):
+    gen = ScriptedGenerator([[WRONG, NONE], [RIGHT, RIGHT_2]])
+    events = list(sample_verified_stream(gen, case, SamplingConfig(k=2), RejectionConfig(k=2, budget=6)))
+    assert events[-1].phase == "done"
+    assert [e.samples_done for e in events] == sorted(e.samples_done for e in events)
+    assert events[-1].samples_planned == 6 + 8
+    assert any(e.partial_texts and e.samples_done == 0 for e in events)
+
+
+def test_real_tiny_model_accounting(tiny_lm, case):
+    def generate(c, config, hint):
+        return sample_stream(tiny_lm, c, config, 0, hint=hint)
+
+    result = sample_verified(generate, case, SamplingConfig(k=2, max_new_tokens=8, seed=0), RejectionConfig(k=2, budget=4, rationalise_budget=2))
+    r = result.report
+    assert r.sampled == 4 and r.rationalised_sampled == 2
+    assert r.sampled == r.accepted + r.rejected
+    assert sum(r.rejected_by_reason.values()) == r.rejected
+    assert len(result.all_traces) == 6
