@@ -300,4 +300,18 @@ def load_model(
             p.requires_grad_(False)
         reference.eval()
     model.train(False)  # dropout off: sampling and log-probs must agree
+    _release_freed_memory()
     return LoadedModel(spec.name, model, tokenizer, dev, dt, lora_settings, reference)
+
+
+def _release_freed_memory() -> None:
+    """Hand the GGUF dequantisation buffers back to the OS, so the process's
+    resident memory reflects the model, not the one-off load."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

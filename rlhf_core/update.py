@@ -142,9 +142,15 @@ class PolicyTrainer:
         self.optimizer: torch.optim.AdamW | None = None
         self.forward_passes = 0  # model forwards run by updates (a regression counter)
 
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        # fused: one kernel over all parameters, without the parameter-sized
+        # temporaries of the foreach path (matters for peak memory on CPU)
+        fused = self.lm.device.type in ("cpu", "cuda")
+        return torch.optim.AdamW(self.lm.trainable_parameters, lr=1e-5, weight_decay=0.0, fused=fused)
+
     def _optimizer(self, config: OptimConfig) -> torch.optim.AdamW:
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(self.lm.trainable_parameters, lr=1e-5, weight_decay=0.0)
+            self.optimizer = self._new_optimizer()
         lr = config.lr if config.lr is not None else default_lr(self.lm)
         for group in self.optimizer.param_groups:  # hyper-parameters are chosen per update
             group["lr"] = lr
@@ -153,7 +159,7 @@ class PolicyTrainer:
 
     def restore_optimizer(self, state: dict) -> None:
         """Rebuild AdamW from a saved state dict (checkpoint resume)."""
-        self.optimizer = torch.optim.AdamW(self.lm.trainable_parameters, lr=1e-5, weight_decay=0.0)
+        self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(state)
 
     def reset(self) -> None:
