@@ -1,0 +1,161 @@
+"""The headless loop: generate -> verify -> rank (scripted clinician) -> update."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .cases import Case, SafetyInfo
+from .engine import Engine
+from .generation import SamplingConfig, Trace
+from .sampler import RejectionConfig
+from .update import make_config
+
+BUILTIN_CASES = [
+    Case(
+        id="builtin-appendicitis",
+        question=(
+            "A 22-year-old man has 18 hours of periumbilical pain that moved to the right lower "
+            "quadrant, with nausea, a temperature of 38.1 C and rebound tenderness at McBurney's "
+            "point. White cell count is 14,000/uL. What is the most likely diagnosis?"
+        ),
+        answer="acute appendicitis",
+        aliases=["appendicitis"],
+        distractors=["mesenteric adenitis", "Crohn disease", "renal colic"],
+        specialty="surgery",
+        icd10="K35.80",
+    ),
+    Case(
+        id="builtin-dka",
+        question=(
+            "A 19-year-old woman with type 1 diabetes has vomiting, abdominal pain and deep rapid "
+            "breathing. Glucose is 520 mg/dL, pH 7.12, bicarbonate 9 mEq/L, and urine ketones are "
+            "strongly positive. What is the most likely diagnosis?"
+        ),
+        answer="diabetic ketoacidosis",
+        aliases=["DKA"],
+        distractors=["hyperosmolar hyperglycemic state", "gastroenteritis", "lactic acidosis"],
+        specialty="endocrinology",
+        icd10="E10.10",
+        safety=SafetyInfo(emergency=True, red_flags=["insulin|fluids|emergency|urgent"]),
+    ),
+    Case(
+        id="builtin-pe",
+        question=(
+            "A 58-year-old woman, 5 days after hip replacement, has sudden pleuritic chest pain and "
+            "shortness of breath. Heart rate 118/min, oxygen saturation 89% on room air, and a "
+            "swollen left calf. What is the most likely diagnosis?"
+        ),
+        answer="pulmonary embolism",
+        aliases=["PE"],
+        distractors=["pneumonia", "myocardial infarction", "pneumothorax"],
+        specialty="pulmonology",
+        icd10="I26.99",
+        safety=SafetyInfo(emergency=True, red_flags=["anticoagula|heparin|CT|emergency|urgent"]),
+    ),
+]
+
+
+def library_or_builtin() -> list[Case]:
+    """The bundled case library when it is there, else a few built-in cases."""
+    try:
+        from .cases import default_cases_dir, load_library
+
+        cases = load_library(default_cases_dir())
+        if cases:
+            return cases
+    except (ImportError, FileNotFoundError):
+        pass
+    return list(BUILTIN_CASES)
+
+
+def scripted_ranking(traces: list[Trace]) -> list[int]:
+    """The simulated clinician: verified first, then safer, then more concise."""
+
+    def key(i: int):
+        t = traces[i]
+        verified = bool(t.verdict and t.verdict.get("accepted"))
+        safety = t.safety["score"] if t.safety else 1.0
+        return (not verified, -safety, len(t.completion_ids), i)
+
+    return sorted(range(len(traces)), key=key)
+
+
+@dataclass
+class SimulationSettings:
+    """What ``simulate`` runs."""
+
+    algorithm: str = "dpo"  # "dpo" | "grpo"
+    updates: int = 3  # rankings to apply
+    traces: int = 4  # traces ranked per update (K)
+    max_new_tokens: int = 128
+    seed: int = 0
+    budget: int = 8  # un-hinted samples per case before rationalising
+    steps: int = 2  # optimisation steps per ranking
+    lr: float | None = None  # None: the engine's default for the mode
+
+    def __post_init__(self) -> None:
+        if self.updates < 1:
+            raise ValueError(f"updates must be >= 1, got {self.updates}")
+        if self.traces < 2:
+            raise ValueError(f"traces must be >= 2 to rank, got {self.traces}")
+
+
+def run_simulation(
+    engine: Engine,
+    settings: SimulationSettings,
+    cases: list[Case] | None = None,
+    on_update: Callable[[dict], None] | None = None,
+    annotator: str = "simulated-clinician",
+) -> list[dict]:
+    """Run ``settings.updates`` generate-rank-update rounds; returns one metrics dict each.
+
+    With a store attached to the engine every trace, ranking (committed before
+    its update starts), update and checkpoint is recorded, and the run carries
+    on from the workspace's history: update numbers, the case order and the
+    sampling seeds continue where the previous run stopped.
+    """
+    cases = cases or library_or_builtin()
+    rng = random.Random(settings.seed)
+    order = rng.sample(cases, len(cases))
+    start = len(engine.history()) if engine.store is not None else 0
+    results = []
+    for n in range(start, start + settings.updates):
+        case = order[n % len(order)]
+        sampling = SamplingConfig(k=settings.traces, max_new_tokens=settings.max_new_tokens, seed=settings.seed * 1000 + n)
+        rejection = RejectionConfig(k=settings.traces, budget=settings.budget, rationalise_budget=settings.traces)
+        started = time.perf_counter()
+        result = engine.sample_verified(case, sampling, rejection)
+        generation_seconds = time.perf_counter() - started
+        # Rank the accepted traces; when too few passed, the rest of the run's
+        # traces fill the group below them (verified-above-unverified is itself signal).
+        group = list(result.accepted)
+        chosen_ids = {t.trace_id for t in group}
+        group += [t for t in result.all_traces if t.trace_id not in chosen_ids][: settings.traces - len(group)]
+        ranking = scripted_ranking(group)
+        config = make_config(settings.algorithm, steps=settings.steps, lr=settings.lr)
+        safety_scores = [t.safety["score"] for t in group if t.safety]
+        extra = dict(
+            update=n,
+            case_id=case.id,
+            acceptance_rate=result.report.acceptance_rate,
+            sampling=result.report.to_dict(),
+            ranked_accepted=len(result.accepted),
+            ranked_rationalised=sum(t.rationalised for t in group),
+            safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,
+            generation_seconds=generation_seconds,
+        )
+        metrics = engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra)
+        results.append(metrics)
+        if on_update:
+            on_update(metrics)
+    return results
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
