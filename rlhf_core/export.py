@@ -1,0 +1,501 @@
+"""Getting rankings out of (and back into) the database.
+
+Formats written by ``export`` (JSON lines, one object per line):
+
+``trl``        every ranked pair in TRL's *conversational preference* format:
+               ``{"prompt": [system, user messages], "chosen": [{"role": "assistant",
+               "content": ...}], "rejected": [...]}``. A ranking of K traces gives
+               K(K-1)/2 pairs (each trace against every trace ranked below it).
+``trl-text``   the same pairs in TRL's *standard* format: plain strings. The
+               prompt is the system instruction and the case rendered as text
+               (the same layout ``prompts.encode_prompt`` uses for a tokenizer
+               without a chat template), ending in a newline.
+``rankings``   one row per ranking: case, prompt, the full K-way order with each
+               trace's text, verdict, safety result and rationalised flag,
+               annotator, comments, note, policy version, time. This is the
+               lossless format (``import`` reads it back).
+``agreement``  one row per trace group ranked by two or more annotators, with
+               Kendall's tau between every pair of them.
+
+Pair rows also carry metadata keys -- ``case_id``, ``ranking_uid``,
+``annotator``, ``workspace``, ``chosen_trace_id``, ``rejected_trace_id``,
+``chosen_rank``, ``rejected_rank`` (1 = best), ``rationalised`` (either trace
+was sampled with the answer as a hint), ``chosen_rationalised``,
+``rejected_rationalised``, ``policy_version`` and ``created``.
+``datasets.load_dataset("json", ...)`` keeps them as columns; TRL's
+``DPOTrainer`` tokenises only prompt/chosen/rejected and drops the other
+columns (``remove_unused_columns``). None of them is named like a column TRL
+interprets (``images``, ``tools``, ``chat_template_kwargs``...).
+
+``exclude_rationalised`` leaves out every rationalised trace (pairs involving
+one; in ``rankings`` the trace is removed from the order and a ranking left
+with fewer than two traces is dropped).
+
+``import_file`` reads a ``rankings`` export back into a workspace, and also
+TRL pair files (conversational or text). Pairs written by our own export carry
+their ranking's uid, trace ids and ranks, so each K-way ranking is put back
+together; other pairs become two-trace rankings. Importing the same data twice
+adds nothing: rankings are keyed by ``ranking_uid`` (foreign pairs by their
+content and annotator) and traces by ``trace_id``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .cases import Case
+from .generation import Trace
+from .prompts import build_messages
+from .store import Store, content_id
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("trl", "trl-text", "rankings", "agreement")
+RANKINGS_FORMAT = "rlhf-control-room/rankings@1"
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def as_messages(prompt: list[dict] | str) -> list[dict]:
+    """A stored prompt as chat messages (a plain-string prompt becomes one user message)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+
+
+def plain_prompt(prompt: list[dict] | str) -> str:
+    """A prompt as plain text: the system instruction, then the case, then
+    ``Reasoning:`` and a newline (the no-chat-template layout of ``encode_prompt``)."""
+    if isinstance(prompt, str):
+        return prompt
+    system = "\n\n".join(m["content"] for m in prompt if m["role"] == "system")
+    user = "\n".join(m["content"] for m in prompt if m["role"] == "user")
+    text = (system + "\n\n" if system else "") + "Case: " + user + "\n\nReasoning:\n"
+    return text
+
+
+def _completion_text(value: Any) -> str:
+    """The assistant text of a TRL completion (a string or a list of messages)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        parts = [str(m.get("content", "")) for m in value if m.get("role", "assistant") == "assistant"]
+        if parts:
+            return "\n".join(parts)
+    raise ValueError(f"expected a string or a list of assistant messages, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+def _workspaces(store: Store, workspace: str | None) -> list[str]:
+    if workspace is None:
+        return [w["name"] for w in store.workspaces()]
+    if store.workspace(workspace) is None:
+        raise ValueError(f"no workspace named {workspace!r} in {store.path}")
+    return [workspace]
+
+
+def ranking_records(store: Store, workspace: str | None = None, exclude_rationalised: bool = False) -> Iterator[dict]:
+    """Every ranking as a ``rankings``-format row, oldest first. With no workspace,
+    all workspaces (a ranking copied into several by an import appears once)."""
+    seen: set[str] = set()
+    skipped = 0
+    for ws in _workspaces(store, workspace):
+        traces = {t.trace_id: t for t in store.traces(ws, light=True)}
+        cases: dict[str, Case | None] = {}
+        for r in store.rankings(ws):
+            if r["uid"] in seen:
+                continue
+            seen.add(r["uid"])
+            if r["case_id"] not in cases:
+                cases[r["case_id"]] = store.case(r["case_id"])
+            case = cases[r["case_id"]]
+            prompt = r["prompt"] if r["prompt"] is not None else (build_messages(case) if case else None)
+            if prompt is None:
+                skipped += 1
+                continue
+            ordered = []
+            for rank, tid in enumerate(r["trace_ids"], start=1):
+                t = traces[tid]
+                if exclude_rationalised and t.rationalised:
+                    continue
+                ordered.append(
+                    {
+                        "trace_id": t.trace_id,
+                        "rank": rank,
+                        "text": t.text,
+                        "finish_reason": t.finish_reason,
+                        "rationalised": bool(t.rationalised),
+                        "verdict": t.verdict,
+                        "safety": t.safety,
+                        "policy_version": t.policy_version,
+                        "sampling": t.sampling or {},
+                        "comment": r["comments"].get(tid, ""),
+                    }
+                )
+            if len(ordered) < 2:
+                continue
+            yield {
+                "format": RANKINGS_FORMAT,
+                "ranking_uid": r["uid"],
+                "workspace": ws,
+                "case_id": r["case_id"],
+                "case": case.to_dict() if case else None,
+                "prompt": prompt,
+                "annotator": r["annotator"],
+                "comments": r["comments"],
+                "note": r["note"],
+                "policy_version": r["policy_version"],
+                "status": r["status"],
+                "source": r["source"],
+                "created": r["created"],
+                "traces": ordered,
+            }
+    if skipped:
+        log.warning("%d ranking(s) left out: their prompt is unknown (no case stored)", skipped)
+
+
+def pair_rows(store: Store, workspace: str | None = None, exclude_rationalised: bool = False, text: bool = False) -> Iterator[dict]:
+    """Every ranked (chosen, rejected) pair in TRL's preference format."""
+    for rec in ranking_records(store, workspace, exclude_rationalised):
+        prompt = plain_prompt(rec["prompt"]) if text else as_messages(rec["prompt"])
+        for better, worse in itertools.combinations(rec["traces"], 2):
+            if text:
+                chosen, rejected = better["text"], worse["text"]
+            else:
+                chosen = [{"role": "assistant", "content": better["text"]}]
+                rejected = [{"role": "assistant", "content": worse["text"]}]
+            yield {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "case_id": rec["case_id"],
+                "ranking_uid": rec["ranking_uid"],
+                "annotator": rec["annotator"],
+                "workspace": rec["workspace"],
+                "chosen_trace_id": better["trace_id"],
+                "rejected_trace_id": worse["trace_id"],
+                "chosen_rank": better["rank"],
+                "rejected_rank": worse["rank"],
+                "rationalised": bool(better["rationalised"] or worse["rationalised"]),
+                "chosen_rationalised": bool(better["rationalised"]),
+                "rejected_rationalised": bool(worse["rationalised"]),
+                "policy_version": rec["policy_version"],
+                "created": rec["created"],
+            }
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def kendall_tau(order_a: list, order_b: list) -> float:
+    """Kendall's tau between two strict rankings (best to worst) of the same items:
+    (concordant - discordant) / (n(n-1)/2); 1 = identical, -1 = reversed."""
+    if sorted(map(str, order_a)) != sorted(map(str, order_b)) or len(set(order_a)) != len(order_a):
+        raise ValueError("both rankings must order the same distinct items")
+    n = len(order_a)
+    if n < 2:
+        raise ValueError("Kendall's tau needs at least two items")
+    pos_b = {item: i for i, item in enumerate(order_b)}
+    concordant = discordant = 0
+    for i, j in itertools.combinations(range(n), 2):
+        # in order_a, item i is ranked above item j
+        if pos_b[order_a[i]] < pos_b[order_a[j]]:
+            concordant += 1
+        else:
+            discordant += 1
+    return (concordant - discordant) / (n * (n - 1) / 2)
+
+
+def agreement(store: Store, workspace: str | None = None) -> list[dict]:
+    """One row per trace group that two or more annotators ranked: the annotators,
+    Kendall's tau for every pair of them (each annotator's latest ranking of the
+    group counts) and the mean. Groups must be the same set of traces."""
+    rows = []
+    for ws in _workspaces(store, workspace):
+        groups: dict[str, dict[str, dict]] = {}
+        for r in store.rankings(ws):
+            groups.setdefault(r["group_key"], {})[r["annotator"]] = r  # later rankings replace earlier
+        for key, by_annotator in groups.items():
+            if len(by_annotator) < 2:
+                continue
+            annotators = sorted(by_annotator)
+            pairs = [
+                {"a": a, "b": b, "tau": kendall_tau(by_annotator[a]["trace_ids"], by_annotator[b]["trace_ids"])}
+                for a, b in itertools.combinations(annotators, 2)
+            ]
+            first = by_annotator[annotators[0]]
+            rows.append(
+                {
+                    "workspace": ws,
+                    "case_id": first["case_id"],
+                    "group_key": key,
+                    "n_traces": len(first["trace_ids"]),
+                    "annotators": annotators,
+                    "ranking_uids": [by_annotator[a]["uid"] for a in annotators],
+                    "pairs": pairs,
+                    "mean_tau": sum(p["tau"] for p in pairs) / len(pairs),
+                }
+            )
+    return rows
+
+
+def agreement_summary(rows: list[dict]) -> dict:
+    """Totals over ``agreement`` rows: groups, annotator pairs, mean tau (None when empty)."""
+    taus = [p["tau"] for r in rows for p in r["pairs"]]
+    return {
+        "groups": len(rows),
+        "annotator_pairs": len(taus),
+        "mean_tau": sum(taus) / len(taus) if taus else None,
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def rows_for(store: Store, fmt: str, workspace: str | None = None, exclude_rationalised: bool = False) -> Iterator[dict]:
+    if fmt == "trl":
+        return pair_rows(store, workspace, exclude_rationalised)
+    if fmt == "trl-text":
+        return pair_rows(store, workspace, exclude_rationalised, text=True)
+    if fmt == "rankings":
+        return ranking_records(store, workspace, exclude_rationalised)
+    if fmt == "agreement":
+        return iter(agreement(store, workspace))
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def write_jsonl(rows: Iterable[dict], out: str | os.PathLike) -> int:
+    """Write rows atomically (temp file renamed into place); returns how many."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def export(store: Store, fmt: str, out: str | os.PathLike, workspace: str | None = None, exclude_rationalised: bool = False) -> int:
+    """Write one export file; returns the number of rows."""
+    return write_jsonl(rows_for(store, fmt, workspace, exclude_rationalised), out)
+
+
+def export_file(
+    store: Store,
+    fmt: str,
+    directory: str | os.PathLike | None = None,
+    workspace: str | None = None,
+    exclude_rationalised: bool = False,
+) -> Path:
+    """Export to a new, timestamped file (for a download button) and return its path.
+    Default folder: ``exports/`` next to the database."""
+    folder = Path(directory) if directory is not None else store.folder / "exports"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = "-no-rationalised" if exclude_rationalised else ""
+    path = folder / f"{workspace or 'all'}-{fmt}{suffix}-{stamp}.jsonl"
+    n = 1
+    while path.exists():
+        path = folder / f"{workspace or 'all'}-{fmt}{suffix}-{stamp}-{n}.jsonl"
+        n += 1
+    export(store, fmt, path, workspace, exclude_rationalised)
+    return path
+
+
+def checkpoint_archive(directory: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Zip a checkpoint folder (for a download button); returns the .zip path.
+    Default: ``<folder>.zip`` beside it. Unzipped, it is a folder ``Engine.load`` reads."""
+    directory = Path(directory)
+    if not (directory / "manifest.json").is_file():
+        raise ValueError(f"{directory} is not a checkpoint (no manifest.json)")
+    out = Path(out) if out is not None else directory.with_suffix(".zip")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = str(out)[: -len(".zip")] if str(out).endswith(".zip") else str(out)
+    return Path(shutil.make_archive(base, "zip", root_dir=directory))
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {lineno}: expected a JSON object")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path}: no rows to import")
+    return rows
+
+
+def _imported_trace(case_id: str, d: dict, default_id: str) -> Trace:
+    return Trace(
+        case_id=case_id,
+        prompt_ids=[],
+        completion_ids=[],
+        text=str(d["text"]),
+        finish_reason=str(d.get("finish_reason") or ""),
+        old_logps=[],
+        ref_logps=[],
+        policy_version=int(d["policy_version"]) if d.get("policy_version") is not None else 0,
+        rationalised=bool(d.get("rationalised", False)),
+        sampling=d.get("sampling") or {},
+        trace_id=str(d.get("trace_id") or default_id),
+        verdict=d.get("verdict"),
+        safety=d.get("safety"),
+    )
+
+
+_PAIR_KEYS = ("ranking_uid", "chosen_trace_id", "rejected_trace_id", "chosen_rank", "rejected_rank")
+
+
+def _regroup_pairs(rows: list[tuple[int, dict]], path: Path) -> list[tuple[int, dict]]:
+    """Pair rows written by our own ``trl`` / ``trl-text`` export carry their
+    ranking's uid, trace ids and ranks: put each ranking back together (so it
+    dedupes against a ``rankings`` import of the same data). Other rows pass through."""
+    out: list[tuple[int, dict]] = []
+    groups: dict[str, dict] = {}
+    for lineno, row in rows:
+        if not ({"prompt", "chosen", "rejected"} <= row.keys() and all(row.get(k) is not None for k in _PAIR_KEYS)):
+            out.append((lineno, row))
+            continue
+        uid = str(row["ranking_uid"])
+        group = groups.get(uid)
+        if group is None:
+            group = {
+                "ranking_uid": uid,
+                "prompt": row["prompt"],
+                "case_id": row.get("case_id"),
+                "annotator": row.get("annotator"),
+                "policy_version": row.get("policy_version"),
+                "created": row.get("created"),
+                "traces": [],
+                "_texts": {},
+            }
+            groups[uid] = group
+            out.append((lineno, group))
+        elif group["prompt"] != row["prompt"]:
+            raise ValueError(f"{path}: line {lineno}: ranking {uid} appears with two different prompts")
+        for side in ("chosen", "rejected"):
+            tid, text = str(row[f"{side}_trace_id"]), _completion_text(row[side])
+            known = group["_texts"].get(tid)
+            if known is None:
+                group["_texts"][tid] = text
+                group["traces"].append(
+                    {
+                        "trace_id": tid,
+                        "rank": int(row[f"{side}_rank"]),
+                        "text": text,
+                        "rationalised": bool(row.get(f"{side}_rationalised", row.get("rationalised", False))),
+                    }
+                )
+            elif known != text:
+                raise ValueError(f"{path}: line {lineno}: trace {tid} appears with two different texts")
+    for group in groups.values():
+        del group["_texts"]
+    return out
+
+
+def import_file(store: Store, path: str | os.PathLike, workspace: str = "default", annotator: str | None = None) -> dict:
+    """Import a ``rankings`` export or a TRL pair file (conversational or text)
+    into ``workspace`` (created if missing). Imported traces carry text, verdict
+    and safety but no token data: they are training data for export and offline
+    training, and count in the agreement view; the live policy is not updated.
+
+    Returns counts: {"rows", "rankings_added", "rankings_skipped", "traces_added"}.
+    ``annotator`` overrides the annotator of every imported row; otherwise a
+    row's own ``annotator`` is kept, or ``import:<file name>`` when it has none.
+    """
+    path = Path(path)
+    rows = _regroup_pairs(_read_rows(path), path)
+    store.ensure_workspace(workspace)
+    source = f"import:{path.name}"
+    existing_uids = {r["uid"] for r in store.rankings(workspace)}
+    traces_before = store.count("traces", workspace)
+    added = skipped = 0
+    for lineno, row in rows:
+        where = f"{path}: line {lineno}"
+        try:
+            if "traces" in row and "ranking_uid" in row:
+                uid = str(row["ranking_uid"])
+                if uid in existing_uids:
+                    skipped += 1
+                    continue
+                case = Case.from_dict(row["case"]) if row.get("case") else None
+                case_id = str(row.get("case_id") or (case.id if case else content_id(row["prompt"], prefix="import-case-")))
+                trace_dicts = sorted(row["traces"], key=lambda d: d.get("rank", 0))
+                traces = [
+                    _imported_trace(case_id, d, content_id(row["prompt"], d["text"])) for d in trace_dicts
+                ]
+                comments = dict(row.get("comments") or {})
+                for d, t in zip(trace_dicts, traces):
+                    if d.get("comment") and t.trace_id not in comments:
+                        comments[t.trace_id] = d["comment"]
+                store.record_ranking(
+                    workspace, traces, list(range(len(traces))), annotator or row.get("annotator") or source,
+                    comments=comments, note=row.get("note") or "", case=case, prompt=row["prompt"],
+                    policy_version=row.get("policy_version"), uid=uid, created=row.get("created"), source=source,
+                )
+            elif {"prompt", "chosen", "rejected"} <= row.keys():
+                if row.get("ranking_uid") and str(row["ranking_uid"]) in existing_uids:
+                    skipped += 1  # the full ranking this pair came from is already here
+                    continue
+                prompt = row["prompt"]
+                if not isinstance(prompt, (str, list)):
+                    raise ValueError("prompt must be a string or a list of messages")
+                chosen, rejected = _completion_text(row["chosen"]), _completion_text(row["rejected"])
+                who = annotator or row.get("annotator") or source
+                uid = content_id("pair", prompt, chosen, rejected, who)
+                if uid in existing_uids:
+                    skipped += 1
+                    continue
+                case_id = str(row.get("case_id") or content_id(prompt, prefix="import-case-"))
+                traces = [
+                    _imported_trace(case_id, {"text": chosen, "trace_id": row.get("chosen_trace_id")}, content_id(prompt, chosen)),
+                    _imported_trace(case_id, {"text": rejected, "trace_id": row.get("rejected_trace_id")}, content_id(prompt, rejected)),
+                ]
+                if traces[0].trace_id == traces[1].trace_id:
+                    raise ValueError("chosen and rejected are the same trace")
+                either = bool(row.get("rationalised", False))
+                traces[0].rationalised = bool(row.get("chosen_rationalised", either))
+                traces[1].rationalised = bool(row.get("rejected_rationalised", either))
+                store.record_ranking(
+                    workspace, traces, [0, 1], who, prompt=prompt, policy_version=row.get("policy_version"),
+                    uid=uid, created=row.get("created"), source=source,
+                )
+            else:
+                raise ValueError("neither a rankings row (ranking_uid, traces) nor a preference pair (prompt, chosen, rejected)")
+        except (KeyError, TypeError, ValueError) as err:
+            detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{where}: {detail}") from None
+        existing_uids.add(uid)
+        added += 1
+    return {
+        "rows": len(rows),
+        "rankings_added": added,
+        "rankings_skipped": skipped,
+        "traces_added": store.count("traces", workspace) - traces_before,
+    }
