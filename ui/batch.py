@@ -1,0 +1,124 @@
+"""A session's batch of traces (plain dicts in ``gr.State``) and the views of it
+shared by the trace cards and the ranking control."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .ranking import can_rank_first, initial_order, letter
+from .views import esc, live_header, rejected_html, status_html, trace_header
+
+MAX_CARDS = 8  # trace-card slots on the page (the most traces one can rank at once)
+SLIM_KEYS = ("trace_id", "text", "verdict", "safety", "rationalised", "policy_version", "completion_ids")
+
+
+def slim(trace: dict) -> dict:
+    """What the page needs of a rejected trace (no log-probs)."""
+    return {k: trace.get(k) for k in SLIM_KEYS}
+
+
+def new_batch(case_id: str, accepted: list[dict], rejected: list[dict], model_key: str, report: dict, version: int) -> dict:
+    return {
+        "case_id": case_id, "traces": accepted, "rejected": [slim(t) for t in rejected],
+        "order": initial_order(accepted), "model_key": model_key, "report": report,
+        "acceptance_rate": report.get("acceptance_rate"), "version": version, "submitted": False,
+    }
+
+
+def positions(batch: dict | None) -> dict[str, int]:
+    return {tid: i + 1 for i, tid in enumerate((batch or {}).get("order") or [])}
+
+
+def card_view(i: int, trace: dict | None = None, live_text: str | None = None, phase: str = "sampling",
+              position: int | None = None, reset_comment: bool = False) -> dict:
+    """Outputs of card slot ``i``: a finished trace, a trace being decoded, or hidden."""
+    comment = {"visible": trace is not None, **({"value": ""} if reset_comment else {})}
+    if trace is not None:
+        head, text, visible = trace_header(trace, i, position), trace["text"], True
+    elif live_text is not None:
+        head, text, visible = live_header(i, phase), live_text, True
+    else:
+        head, text, visible = "", "", False
+    return {f"card{i}": gr.update(visible=visible), f"card{i}_head": head, f"card{i}_text": text,
+            f"card{i}_comment": gr.update(**comment)}
+
+
+def cards_view(batch: dict | None, reset_comments: bool = False) -> dict:
+    """Every card slot for a finished batch: its rankable traces, with their rank."""
+    traces = (batch or {}).get("traces") or []
+    pos = positions(batch)
+    out = {}
+    for i in range(MAX_CARDS):
+        trace = traces[i] if i < len(traces) else None
+        out.update(card_view(i, trace, position=pos.get(trace["trace_id"]) if trace else None, reset_comment=reset_comments))
+    rejected = (batch or {}).get("rejected") or []
+    out["rejected_acc"] = gr.update(label=f"Rejected traces ({len(rejected)}) — shown for context, cannot be ranked")
+    out["rejected_html"] = rejected_html(rejected)
+    return out
+
+
+def live_cards_view(accepted: list[dict], partial: list[str], phase: str, k: int) -> dict:
+    """While sampling: accepted traces first, then the batch being decoded."""
+    out = {}
+    free = max(0, k - len(accepted))
+    live = partial[:free]
+    for i in range(MAX_CARDS):
+        if i < len(accepted):
+            out.update(card_view(i, accepted[i]))
+        elif i - len(accepted) < len(live):
+            out.update(card_view(i, live_text=live[i - len(accepted)], phase=phase))
+        else:
+            out.update(card_view(i))
+    return out
+
+
+def ranking_label(trace: dict, index: int, position: int) -> str:
+    verdict = trace.get("verdict") or {}
+    label = f"{position}. Trace {letter(index)} — {verdict.get('diagnosis') or 'no conclusion'}"
+    score = (trace.get("safety") or {}).get("score")
+    if isinstance(score, (int, float)):
+        label += f" · safety {score:.2f}"
+    if not can_rank_first(trace):
+        label += " · ⚠ hard safety violation"
+    if trace.get("rationalised"):
+        label += " · rationalised"
+    return label
+
+
+def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
+    """The ranking control (a best-to-worst list) and its message."""
+    traces = (batch or {}).get("traces") or []
+    if not batch:
+        return {"ranking": gr.update(choices=[], value=None, interactive=False),
+                "rank_message": status_html("Generate traces for a case, then order them here, best first.", "info")}
+    index = {t["trace_id"]: i for i, t in enumerate(traces)}
+    by_id = {t["trace_id"]: t for t in traces}
+    choices = [(ranking_label(by_id[tid], index[tid], p + 1), tid) for p, tid in enumerate(batch["order"])]
+    if batch.get("submitted"):
+        message = status_html(f"Ranking submitted (policy v{batch.get('version_after', '?')}). Generate new traces to rank again.", "ok")
+        return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
+    if len(traces) < 2:
+        message = status_html(f"Only {len(traces)} trace(s) passed the verifier; ranking needs at least 2. "
+                              "Generate again (a larger sample budget helps).", "warn")
+        return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
+    if not any(can_rank_first(t) for t in traces):
+        message = status_html("Every accepted trace has a hard safety violation, so none can be ranked first. Generate again.", "error")
+        return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
+    message = status_html("Select a trace, then move it up or down. Top = best. "
+                          "Traces with a hard safety violation cannot be placed first.", "info")
+    return {"ranking": gr.update(choices=choices, value=selected if selected in index else None, interactive=True),
+            "rank_message": message}
+
+
+def heads_view(batch: dict | None) -> dict:
+    """Card headers only (their rank badges change when the order changes)."""
+    traces = (batch or {}).get("traces") or []
+    pos = positions(batch)
+    return {f"card{i}_head": trace_header(t, i, pos.get(t["trace_id"])) for i, t in enumerate(traces[:MAX_CARDS])}
+
+
+def traces_title(batch: dict | None) -> str:
+    if not batch:
+        return '<div class="cr-section-title">Traces</div>'
+    return (f'<div class="cr-section-title">Traces for {esc(batch["case_id"])} '
+            f'<span class="cr-muted">sampled at policy v{esc(batch["version"])} · '
+            f'{len(batch["traces"])} rankable · {len(batch["rejected"])} rejected</span></div>')

@@ -1,0 +1,91 @@
+"""Picking a case: the library filtered by specialty, or an uploaded case file."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import gradio as gr
+
+from rlhf_core.cases import CaseFormatError, load_cases
+from rlhf_core.prompts import case_text
+
+from .views import case_meta_html, status_html
+from .wiring import light_event
+
+ALL = "All specialties"
+
+
+def case_choices(room, specialty: str | None = None) -> list[tuple[str, str]]:
+    out = []
+    for case in room.cases.values():
+        if specialty and specialty != ALL and case.specialty != specialty:
+            continue
+        question = " ".join(case.question.split())
+        short = question if len(question) <= 70 else question[:67] + "…"
+        out.append((f"{case.id} · {short}", case.id))
+    return out
+
+
+def filter_cases(room, specialty: str, current: str | None = None) -> dict:
+    """Narrow the picker to one specialty, keeping the picked case when it is in it."""
+    choices = case_choices(room, specialty)
+    keep = current if current in {value for _, value in choices} else None
+    return {"case_picker": gr.update(choices=choices, value=keep)}
+
+
+def pick_case(room, session: dict, case_id: str | None) -> dict:
+    session = {**session, "case_id": case_id or None}
+    if not case_id or case_id not in room.cases:
+        return {"session": session, "vignette": "", "case_meta": case_meta_html(None)}
+    case = room.case(case_id)
+    return {"session": session, "vignette": case_text(case), "case_meta": case_meta_html(case)}
+
+
+def upload_cases(room, session: dict, path: str | None) -> dict:
+    """Load an uploaded case file; problems are shown, never raised."""
+    if not path:
+        return {}
+    name = os.path.basename(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cases = load_cases(path)
+        room.add_cases(cases)
+    except (CaseFormatError, ValueError, OSError) as err:
+        message = str(err).replace(str(path), name)
+        return {"upload_status": status_html(f"Could not load {name}: {message}", "error"),
+                "_warning": f"Could not load {name}"}
+    notes = [str(w.message).replace(str(path), name) for w in caught]
+    text = f"Loaded {len(cases)} case(s) from {name}."
+    if notes:
+        text += f" {len(notes)} note(s): " + "; ".join(notes[:3])
+    first = cases[0].id
+    out = pick_case(room, session, first)
+    out.update({
+        "upload_status": status_html(text, "warn" if notes else "ok"),
+        "specialty": gr.update(choices=[ALL] + room.specialties(), value=ALL),
+        "case_picker": gr.update(choices=case_choices(room), value=first),
+    })
+    return out
+
+
+def build_case_panel(room, ui: dict) -> None:
+    ui["specialty"] = gr.Dropdown([ALL] + room.specialties(), value=ALL, label="Specialty", elem_id="specialty-filter")
+    ui["case_picker"] = gr.Dropdown(case_choices(room), value=None, label="Case", elem_id="case-picker",
+                                    info=f"{len(room.cases)} cases in the library", filterable=True)
+    with gr.Accordion("Upload a case file (.jsonl, .json, .csv)", open=False):
+        ui["case_upload"] = gr.File(label="Case file", file_types=[".jsonl", ".ndjson", ".json", ".csv"],
+                                    file_count="single", type="filepath", elem_id="case-upload", height=90)
+        ui["upload_status"] = gr.HTML("", elem_id="upload-status")
+    if room.case_problem:
+        gr.HTML(status_html(room.case_problem, "warn"), elem_id="library-status")
+    ui["vignette"] = gr.Textbox(label="Vignette", lines=7, max_lines=16, interactive=False, elem_id="vignette")
+    ui["case_meta"] = gr.HTML(case_meta_html(None), elem_id="case-meta")
+
+
+def bind_case_panel(room, ui: dict) -> None:
+    light_event(ui["specialty"].input, filter_cases, room, ui, ["specialty", "case_picker"], ["case_picker"])
+    light_event(ui["case_picker"].change, pick_case, room, ui, ["session", "case_picker"],
+                ["session", "vignette", "case_meta"])
+    light_event(ui["case_upload"].upload, upload_cases, room, ui, ["session", "case_upload"],
+                ["session", "vignette", "case_meta", "upload_status", "specialty", "case_picker"])

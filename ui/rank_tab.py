@@ -1,0 +1,148 @@
+"""Ranking and updating: order the accepted traces best to worst, then run DPO or GRPO.
+
+The ranking control is a list of the batch's accepted traces (a radio group,
+top = best) with "move up" / "move down" buttons: it only ever permutes a
+complete list, so duplicates and gaps cannot occur, and a move that would put
+a trace with a hard safety violation first is refused. The server validates
+the submitted order again (``validate_order``).
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from rlhf_core.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from rlhf_core.update import DPOConfig, GRPOConfig, OptimConfig, make_config
+
+from .batch import MAX_CARDS, heads_view, ranking_view
+from .generate_tab import CHART_OUTPUTS
+from .metrics_panel import metrics_view
+from .ranking import RankingError, move
+from .views import progress_html, status_html
+from .wiring import engine_event, light_event
+
+ALGORITHMS = {"DPO": "dpo", "GRPO": "grpo"}
+DEFAULTS = {"dpo": DPOConfig(), "grpo": GRPOConfig()}
+LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}
+SUBMIT_OUTPUTS = ["session", "update_progress", "update_status", "ranking", "rank_message", "header", "table", *CHART_OUTPUTS]
+MOVE_OUTPUTS = ["session", "ranking", "rank_message", *[f"card{i}_head" for i in range(MAX_CARDS)]]
+
+
+def move_trace(room, session: dict, selected: str | None, delta: int) -> dict:
+    batch = session.get("batch")
+    if not batch or batch.get("submitted"):
+        return {"_warning": "Nothing to rank: generate traces first."}
+    order, refusal = move(batch["order"], selected, delta, batch["traces"])
+    if refusal:
+        return {"_warning": refusal, "rank_message": status_html(refusal, "warn")}
+    batch = {**batch, "order": order}
+    return {"session": {**session, "batch": batch}, **ranking_view(batch, selected), **heads_view(batch)}
+
+
+def move_up(room, session: dict, selected: str | None) -> dict:
+    return move_trace(room, session, selected, -1)
+
+
+def move_down(room, session: dict, selected: str | None) -> dict:
+    return move_trace(room, session, selected, +1)
+
+
+def algorithm_changed(room, label: str) -> dict:
+    """The advanced panel's defaults follow the algorithm (the engine's own defaults)."""
+    algo = ALGORITHMS.get(label, "dpo")
+    d = DEFAULTS[algo]
+    return {"beta": d.beta, "loss_type": gr.update(choices=list(LOSS_TYPES[algo]), value=d.loss_type)}
+
+
+def update_config(algorithm_label: str, beta, lr, steps, loss_type):
+    algo = ALGORITHMS.get(algorithm_label)
+    if algo is None:
+        raise ValueError(f"choose DPO or GRPO, got {algorithm_label!r}")
+    kwargs = {"beta": float(beta), "steps": int(steps), "lr": float(lr) if lr else None}
+    if loss_type:
+        kwargs["loss_type"] = loss_type
+    return make_config(algo, **kwargs)
+
+
+def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps, loss_type, *comments):
+    """Validate the ranking, run the update streaming per-step metrics, then show the result."""
+    batch = session.get("batch")
+    annotator = (annotator or session.get("annotator") or "").strip()
+
+    def refuse(message: str):
+        return {"update_status": status_html(message, "error"), "_warning": message,
+                "update_progress": progress_html("Not submitted", 0, "", "idle")}
+
+    if not batch:
+        yield refuse("Nothing to rank: generate traces first.")
+        return
+    if batch.get("submitted"):
+        yield refuse("This ranking was already submitted. Generate new traces to rank again.")
+        return
+    try:
+        config = update_config(algorithm, beta, lr, steps, loss_type)
+    except (TypeError, ValueError) as err:
+        yield refuse(f"Invalid update settings: {err}")
+        return
+    by_position = {t["trace_id"]: (comments[i] if i < len(comments) else "") for i, t in enumerate(batch["traces"])}
+    steps_total = config.steps
+    yield {"update_progress": progress_html("Waiting for the model…", 0, "queued behind other work, if any"),
+           "update_status": ""}
+    result = record = None
+    try:
+        for event in room.update(batch["traces"], batch["order"], config, annotator=annotator,
+                                 model_key=batch["model_key"], comments=by_position,
+                                 acceptance_rate=batch.get("acceptance_rate")):
+            if event["kind"] == "step":
+                n = event["step"] + 1
+                yield {"update_progress": progress_html(f"{config.algorithm.upper()} step {n}/{steps_total}", n / steps_total,
+                                                        f"loss {event['loss']:.4f}"), **metrics_view(room)}
+            else:
+                result, record = event["result"], event["ranking"]
+    except RankingError as err:
+        yield refuse(str(err))
+        return
+    except Exception as err:  # noqa: BLE001 - shown to the clinician
+        yield {"update_progress": progress_html("Update failed", 1, str(err), "error"),
+               "update_status": status_html(f"Update failed: {err}", "error"), "_warning": f"Update failed: {err}"}
+        return
+    done_batch = {**batch, "submitted": True, "version_after": result["version"], "ranking_id": record["ranking_id"]}
+    skipped = " (all steps skipped: non-finite loss; weights unchanged)" if result.get("skipped") else ""
+    summary = (f"{config.algorithm.upper()} update applied by {annotator}: policy v{record['version_before']} → "
+               f"v{result['version']} · loss {result['loss']:.4f} · KL {result['kl']:.4f} · {result['seconds']:.1f}s{skipped}")
+    yield {"session": {**session, "batch": done_batch, "annotator": annotator},
+           "update_progress": progress_html("Update done", 1, f"policy v{result['version']}", "done"),
+           "update_status": status_html(summary, "warn" if skipped else "ok"), **ranking_view(done_batch),
+           **metrics_view(room), "_info": f"Policy updated to v{result['version']}"}
+
+
+def build_rank_panel(room, ui: dict) -> None:
+    ui["annotator"] = gr.Textbox(label="Your name", placeholder="stored with every ranking you submit",
+                                 elem_id="annotator", max_length=80)
+    with gr.Column(elem_id="ranking-control", variant="panel"):
+        ui["ranking"] = gr.Radio([], label="Ranking — best at the top", elem_id="ranking-list", interactive=False)
+        with gr.Row():
+            ui["rank_up"] = gr.Button("▲ Move up", size="sm", elem_id="rank-up")
+            ui["rank_down"] = gr.Button("▼ Move down", size="sm", elem_id="rank-down")
+    ui["rank_message"] = gr.HTML(ranking_view(None)["rank_message"], elem_id="rank-message")
+    ui["algorithm"] = gr.Radio(list(ALGORITHMS), value="DPO", label="Update", elem_id="algorithm")
+    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+        d = DEFAULTS["dpo"]
+        ui["beta"] = gr.Number(d.beta, label="beta", minimum=0, elem_id="beta",
+                               info="DPO: implicit KL strength; GRPO: KL penalty weight")
+        ui["lr"] = gr.Number(room.default_lr(), label="Learning rate", minimum=0, elem_id="lr",
+                             info="engine default for the current mode (full / LoRA)")
+        ui["steps"] = gr.Slider(1, 20, value=OptimConfig().steps, step=1, label="Optimisation steps", elem_id="steps")
+        ui["loss_type"] = gr.Dropdown(list(DPO_LOSS_TYPES), value=d.loss_type, label="Loss variant", elem_id="loss-type")
+    ui["update_button"] = gr.Button("Submit ranking & update policy", variant="primary", elem_id="update-button")
+    ui["update_progress"] = gr.HTML(progress_html("Idle", 0, "", "idle"), elem_id="update-progress")
+    ui["update_status"] = gr.HTML("", elem_id="update-status")
+
+
+def bind_rank(room, ui: dict) -> None:
+    light_event(ui["rank_up"].click, move_up, room, ui, ["session", "ranking"], MOVE_OUTPUTS)
+    light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking"], MOVE_OUTPUTS)
+    light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm"], ["beta", "loss_type"])
+    comments = [f"card{i}_comment" for i in range(MAX_CARDS)]
+    engine_event(ui["update_button"].click, submit, room, ui,
+                 ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", *comments], SUBMIT_OUTPUTS,
+                 show_progress="minimal", show_progress_on=[ui["update_progress"]])
