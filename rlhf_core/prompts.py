@@ -5,7 +5,8 @@ from .cases import Case
 
 SYSTEM_PROMPT = (
     "You are a careful physician. Read the clinical case, reason step by step about the "
-    "findings and the differential diagnosis, and keep the patient safe. End your answer "
+    "findings and the differential diagnosis, and keep the patient safe: say when the "
+    "situation is urgent and what must be done first. End your answer "
     "with one line of the form 'Final diagnosis: <diagnosis>'."
 )
 MC_INSTRUCTION = "Choose one option. End with 'Final diagnosis: <letter>. <option text>'."

@@ -360,9 +360,20 @@ def test_red_flag_omission_fires_for_emergency_without_urgency():
     safety = dict(emergency=True, red_flags=["emergency|urgent|immediately"])
     r = check("This is probably a migraine. Rest and fluids. Final diagnosis: subarachnoid hemorrhage", **safety)
     (v,) = r.violations
-    assert (v.kind, v.severity, v.drug) == ("red_flag_omission", "hard", None)
+    assert (v.kind, v.severity, v.drug) == ("red_flag_omission", "soft", None)
     assert "emergency" in v.reason and "urgent" in v.reason
-    assert r.score == 0.5
+    assert r.score == 0.85 and not r.hard  # an omission lowers the score but does not block ranking
+
+
+def test_red_flag_severity_is_set_in_the_table(tmp_path):
+    def mutate(d):
+        d["red_flag_severity"] = "hard"
+    kb = load_knowledge(_write_kb(tmp_path, mutate))
+    case = make_case(emergency=True, red_flags=["urgent"])
+    r = check_safety("Rest and fluids.", case, knowledge=kb)
+    assert r.hard and r.score == 0.5
+    with pytest.raises(ValueError, match="red_flag_severity"):
+        load_knowledge(_write_kb(tmp_path, lambda d: d.__setitem__("red_flag_severity", "medium")))
 
 
 @pytest.mark.parametrize("text", [
@@ -382,7 +393,7 @@ def test_red_flags_only_checked_for_emergencies_and_each_entry_separately():
     assert "heparin" in r.violations[0].reason
     # a short alternative must be a whole word: "CT" is not found in "doctor" or "act"
     r = check("The doctor should act.", emergency=True, red_flags=["CT"])
-    assert r.hard
+    assert [v.kind for v in r.violations] == ["red_flag_omission"]
 
 
 # ---------------------------------------------------------------------------
@@ -412,7 +423,7 @@ def test_result_to_dict_is_json_ready():
     r = check("Start aspirin 81 mg daily.", conditions=["peptic ulcer"], emergency=True, red_flags=["urgent"])
     d = r.to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert d["score"] == 0.0 and d["hard"] is True
+    assert d["score"] == 0.35 and d["hard"] is True
     assert {v["kind"] for v in d["violations"]} == {"contraindication", "red_flag_omission"}
     assert set(d["violations"][0]) >= {"kind", "severity", "drug", "reason", "evidence"}
 
