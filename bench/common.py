@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmarks: timing, memory, the benchmark case."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rlhf_core.cases import Case  # noqa: E402
+
+# ~120 prompt tokens with the chat template and system prompt on SmolLM2
+BENCH_CASE = Case(
+    id="bench-pe",
+    question=(
+        "A 58-year-old woman is brought in five days after an elective right hip replacement. She "
+        "reports sudden pleuritic chest pain and breathlessness that began an hour ago. Heart rate "
+        "is 118/min, blood pressure 104/68 mmHg, oxygen saturation 89% on room air, and her left "
+        "calf is swollen and tender. What is the most likely diagnosis?"
+    ),
+    answer="pulmonary embolism",
+    aliases=["PE"],
+)
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far, in GiB (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -1,0 +1,91 @@
+"""Round trip: from submitting a ranking to the updated metrics being ready for
+the UI (one default DPO update on K=4 traces), and the peak resident memory of
+the process during that update, for full fine-tuning and for LoRA.
+
+    python -m bench.roundtrip [--model smollm2-135m] [--mode full|lora|both] [--repeats 3]
+
+Each mode runs in its own subprocess so one mode's memory does not count
+against the other. Peak memory is the process's high-water mark (VmHWM) reset
+just before the update (Linux /proc/self/clear_refs), so it measures the
+update, not the one-off model load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _vm(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def measure(model: str, mode: str, repeats: int, tokens: int) -> dict:
+    from rlhf_core.engine import Engine
+    from rlhf_core.generation import SamplingConfig, sample_traces
+    from rlhf_core.update import DPOConfig
+
+    from .common import BENCH_CASE, machine, median
+
+    engine = Engine(model, lora=mode == "lora", device="cpu")
+    traces = sample_traces(engine.lm, BENCH_CASE, SamplingConfig(k=4, max_new_tokens=tokens, seed=0), ignore_eos=True)
+    times, peaks, baseline = [], [], []
+    for _ in range(repeats):
+        import gc
+
+        gc.collect()
+        baseline.append(_vm("VmRSS"))
+        _reset_peak()
+        start = time.perf_counter()
+        metrics = engine.update(traces, [0, 1, 2, 3], DPOConfig())
+        times.append(time.perf_counter() - start)
+        peaks.append(_vm("VmHWM"))
+    return {
+        "benchmark": "roundtrip", "mode": mode, "model": model, "machine": machine(),
+        "completion_tokens": [len(t.completion_ids) for t in traces], "steps": metrics["steps"],
+        "roundtrip_s": median(times), "peak_rss_gb": max(peaks), "rss_before_update_gb": median(baseline),
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--mode", choices=["full", "lora", "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=120)
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.model, args.mode, args.repeats, args.tokens)))
+        return []
+    results = []
+    for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.roundtrip", "--child", "--model", args.model, "--mode", mode,
+             "--repeats", str(args.repeats), "--tokens", str(args.tokens)],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        results.append(json.loads(out))
+        print(json.dumps(results[-1], indent=2), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Update step: one DPO optimisation step on a K=4 ranking (6 pairs), ours
+against TRL's DPOTrainer on the same 6 pairs, same tokens, float32, CPU.
+
+    pip install -r bench/requirements.txt   # TRL, the anchor
+    python -m bench.update [--model smollm2-135m] [--mode full|lora|both] [--repeats 3]
+
+Both sides see identical token sequences: the completions are tokenised the
+way TRL tokenises prompt + completion, and our traces carry those ids. TRL's
+time is its training step alone (measured by a callback from step begin to
+step end, excluding its set-up); ours is the whole `PolicyTrainer.update` call
+(step plus the post-update KL pass). The first-step loss and log-probs are
+compared to check both compute the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import tempfile
+import time
+
+import torch
+
+from rlhf_core.generation import SamplingConfig, Trace, sample_traces, score_completions
+from rlhf_core.models import load_model
+from rlhf_core.prompts import build_messages
+from rlhf_core.update import DPOConfig, PolicyTrainer
+
+from .common import BENCH_CASE, machine, median
+
+
+def make_pairs(lm, k: int, tokens: int, seed: int):
+    """K sampled completions, re-tokenised the TRL way; returns (prompt_text, texts, prompt_ids, completion_ids)."""
+    traces = sample_traces(lm, BENCH_CASE, SamplingConfig(k=k, max_new_tokens=tokens, seed=seed, temperature=1.0), ignore_eos=True)
+    tok = lm.tokenizer
+    prompt_text = tok.apply_chat_template(build_messages(BENCH_CASE), add_generation_prompt=True, tokenize=False)
+    texts = [t.text for t in traces]
+    prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    completions = []
+    for text in texts:
+        full = tok(prompt_text + text + tok.eos_token, add_special_tokens=False)["input_ids"]
+        assert full[: len(prompt_ids)] == prompt_ids, "prompt tokenisation diverged"
+        completions.append(full[len(prompt_ids):])
+    return prompt_text, texts, prompt_ids, completions
+
+
+def ours_traces(lm, prompt_ids, completions):
+    old, ref = score_completions(lm, prompt_ids, completions)
+    return [
+        Trace(BENCH_CASE.id, list(prompt_ids), c, "", "eos", o, r, 0)
+        for c, o, r in zip(completions, old, ref)
+    ]
+
+
+def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int, lr: float):
+    lm = load_model(model_name, device="cpu", dtype="float32", lora=lora)
+    traces = ours_traces(lm, prompt_ids, completions)
+    ranking = list(range(len(traces)))
+    times, first = [], None
+    for _ in range(repeats + 1):  # the first call warms up allocators
+        lm.reset_to_reference()
+        trainer = PolicyTrainer(lm)
+        start = time.perf_counter()
+        metrics = trainer.update(traces, ranking, DPOConfig(steps=1, lr=lr))
+        times.append(time.perf_counter() - start)
+        first = first or metrics
+    return times[1:], first
+
+
+def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: float):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    rows = [{"prompt": prompt_text, "chosen": texts[a], "rejected": texts[b]} for a, b in itertools.combinations(range(len(texts)), 2)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.logs = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self._t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logs.append(dict(logs or {}))
+
+    times, logs = [], None
+    for _ in range(repeats + 1):
+        lm = load_model(model_name, device="cpu", dtype="float32")
+        peft_config = None
+        ref_model = lm._reference
+        if lora:
+            from rlhf_core.models import LoraSettings, _peft_config
+
+            peft_config, ref_model = _peft_config(LoraSettings()), None
+        timer = StepTimer()
+        with tempfile.TemporaryDirectory() as out:
+            args = TRLConfig(
+                output_dir=out, per_device_train_batch_size=len(rows), max_steps=1, learning_rate=lr,
+                beta=0.1, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
+                use_cpu=True, max_length=None, dataloader_num_workers=0, disable_tqdm=True,
+            )
+            trainer = DPOTrainer(
+                model=lm.model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                processing_class=lm.tokenizer, peft_config=peft_config, callbacks=[timer],
+            )
+            trainer.train()
+        times.append(timer.times[0])
+        logs = logs or timer.logs[0]
+    return times[1:], logs
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--mode", choices=["full", "lora", "both"], default="both")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    prompt_text, texts, prompt_ids, completions = make_pairs(lm, args.k, args.tokens, seed=0)
+    del lm
+    results = []
+    for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
+        lora = mode == "lora"
+        lr = 5e-5 if lora else 5e-6
+        ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr)
+        trl_t, trl_m = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr)
+        row = {
+            "benchmark": "update", "mode": mode, "model": args.model, "machine": machine(),
+            "pairs": math.comb(args.k, 2), "prompt_tokens": len(prompt_ids),
+            "completion_tokens": [len(c) for c in completions],
+            "trl_step_s": median(trl_t), "ours_update_s": median(ours_t),
+            "speedup": median(trl_t) / median(ours_t),
+            "loss_ours": ours_m["loss"], "loss_trl": trl_m.get("loss"),
+            "logps_chosen_ours": ours_m["logps/chosen"], "logps_chosen_trl": trl_m.get("logps/chosen"),
+        }
+        results.append(row)
+        print(json.dumps(row, indent=2), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
