@@ -219,6 +219,11 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype):
             else "connect to the Hugging Face hub once to download it, or pass a local folder"
         )
         raise ModelUnavailableError(f"model {spec.name!r} could not be loaded from {source}: {err}. To fix: {hint}.") from err
+    if "gguf_file" in kwargs and getattr(model, "hf_quantizer", None) is not None:
+        # GGUF weights are dequantised to plain float tensors at load; the leftover
+        # quantizer tag would make transformers (and TRL) refuse to train or save them.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config._is_quantized = False
     return model, tokenizer
 
 
