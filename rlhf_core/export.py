@@ -333,7 +333,9 @@ def checkpoint_archive(directory: str | os.PathLike, out: str | os.PathLike | No
 # --------------------------------------------------------------------------- import
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl_objects(path: str | Path, empty_message: str = "no rows to import") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON lines file; a clear
+    ValueError naming the file and line for anything that is not a JSON object."""
     rows = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -347,7 +349,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}: line {lineno}: expected a JSON object")
             rows.append((lineno, row))
     if not rows:
-        raise ValueError(f"{path}: no rows to import")
+        raise ValueError(f"{path}: {empty_message}")
     return rows
 
 
@@ -430,7 +432,7 @@ def import_file(store: Store, path: str | os.PathLike, workspace: str = "default
     row's own ``annotator`` is kept, or ``import:<file name>`` when it has none.
     """
     path = Path(path)
-    rows = _regroup_pairs(_read_rows(path), path)
+    rows = _regroup_pairs(read_jsonl_objects(path), path)
     store.ensure_workspace(workspace)
     source = f"import:{path.name}"
     existing_uids = {r["uid"] for r in store.rankings(workspace)}

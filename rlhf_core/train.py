@@ -43,20 +43,15 @@ log = logging.getLogger("rlhf_core.train")
 
 def read_preferences(path: str | Path, exclude_rationalised: bool = False) -> list[dict]:
     """Rows with prompt / chosen / rejected from a JSON lines file."""
+    from .export import read_jsonl_objects
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
-                raise ValueError(f"{path}: line {lineno}: a preference row needs prompt, chosen and rejected")
-            if exclude_rationalised and row.get("rationalised"):
-                continue
-            rows.append(row)
+    for lineno, row in read_jsonl_objects(path, empty_message="no preference pairs"):
+        if not {"prompt", "chosen", "rejected"} <= row.keys():
+            raise ValueError(f"{path}: line {lineno}: a preference row needs prompt, chosen and rejected")
+        if exclude_rationalised and row.get("rationalised"):
+            continue
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no preference pairs")
     return rows
