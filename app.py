@@ -4,7 +4,12 @@ Environment:
     RLHF_MODEL           model to load (default smollm2-135m, bundled)
     RLHF_LORA            1 / true: train a LoRA adapter instead of all weights
     RLHF_AUTH            require a login: "user:password", several separated by commas
-    RLHF_CHECKPOINT_DIR  where checkpoints are saved (default ./checkpoints)
+    RLHF_DATA_DIR        the data folder (default ./data): database, checkpoints, exports
+    RLHF_DB              the database file (default $RLHF_DATA_DIR/rlhf.sqlite)
+    RLHF_WORKSPACE       the workspace to open (default: the one used last, else "default")
+    RLHF_CHECKPOINT_EVERY  checkpoint the policy every N updates (default 10; the
+                         updates in between are replayed from the database on restart)
+    RLHF_CHECKPOINT_DIR  where named checkpoints (Model tab) are saved (default ./checkpoints)
     RLHF_CASES_DIR       case library folder (default the bundled ./cases)
     PORT / GRADIO_SERVER_PORT   port (default 7860; Spaces and Docker set PORT)
     GRADIO_SERVER_NAME   interface to bind (default 127.0.0.1; Docker sets 0.0.0.0)
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import gradio as gr
@@ -20,6 +26,8 @@ import gradio as gr
 from rlhf_core.models import DEFAULT_MODEL
 from ui.api import build_api
 from ui.case_panel import bind_case_panel, build_case_panel
+from ui.data_tab import bind_data_tab, build_data_tab
+from ui.eval_tab import bind_eval_tab, build_eval_tab
 from ui.generate_tab import bind_generate, build_generate_controls, build_trace_cards
 from ui.metrics_panel import bind_metrics, build_charts
 from ui.model_tab import bind_model_tab, build_model_tab
@@ -38,15 +46,20 @@ def prefill_annotator(request: gr.Request):
 
 
 def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: str | Path | None = None,
-              generate_fn=None, checkpoint_dir: str | Path | None = None, room: ControlRoom | None = None) -> gr.Blocks:
+              generate_fn=None, checkpoint_dir: str | Path | None = None, room: ControlRoom | None = None,
+              db_path: str | Path | None = None, checkpoint_every: int | None = None,
+              export_dir: str | Path | None = None) -> gr.Blocks:
     """The whole app around one ``ControlRoom`` (built here unless given).
 
-    ``generate_fn`` swaps the trace source (see ``ui.backends``); ``demo.room``
-    is the control room, for tests and embedding.
+    ``db_path``: the database (``main`` passes ``rlhf_core.store.default_db_path()``;
+    None keeps rankings and history in memory only). ``generate_fn`` swaps the
+    trace source (see ``ui.backends``); ``demo.room`` is the control room, for
+    tests and embedding.
     """
     if room is None:
         room = ControlRoom(model_name, lora=lora, cases_dir=cases_dir, generate_fn=generate_fn,
-                           checkpoint_dir=checkpoint_dir or os.environ.get("RLHF_CHECKPOINT_DIR", "checkpoints"))
+                           checkpoint_dir=checkpoint_dir or os.environ.get("RLHF_CHECKPOINT_DIR", "checkpoints"),
+                           db_path=db_path, checkpoint_every=checkpoint_every, export_dir=export_dir)
     ui: dict = {}
     with gr.Blocks(title=TITLE) as demo:
         ui["session"] = gr.State(new_session())
@@ -67,11 +80,17 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
                         build_charts(room, ui)
             with gr.Tab("Model", id="model", elem_id="tab-model") as ui["tab_model"]:
                 build_model_tab(room, ui)
+            with gr.Tab("Data", id="data", elem_id="tab-data") as ui["tab_data"]:
+                build_data_tab(room, ui)
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as ui["tab_eval"]:
+                build_eval_tab(room, ui)
         bind_case_panel(room, ui)
         bind_generate(room, ui)
         bind_rank(room, ui)
         bind_metrics(room, ui)
         bind_model_tab(room, ui)
+        bind_data_tab(room, ui)
+        bind_eval_tab(room, ui)
         build_api(room)
         demo.load(prefill_annotator, None, ui["annotator"], api_visibility="private", show_progress="hidden")
     demo.room = room
@@ -98,14 +117,34 @@ def launch(demo: gr.Blocks, **kwargs):
     return demo.launch(**launch_style(), footer_links=["api"], **kwargs)
 
 
+def _stop(signum, frame):
+    """SIGTERM (docker stop, systemd) ends the server like Ctrl-C, so ``main`` can checkpoint."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    from rlhf_core.store import default_db_path
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lora = os.environ.get("RLHF_LORA", "").strip().lower() in ("1", "true", "yes", "on")
     demo = build_app(os.environ.get("RLHF_MODEL") or DEFAULT_MODEL, lora=lora,
-                     cases_dir=os.environ.get("RLHF_CASES_DIR") or None)
+                     cases_dir=os.environ.get("RLHF_CASES_DIR") or None, db_path=default_db_path())
+    room = demo.room
+    info = room.engine.resume_info
+    logging.getLogger("app").info(
+        "database %s, workspace %r: policy v%s, %s update(s), %s ranking(s)%s%s", room.store.path, info["workspace"],
+        info["version"], info["updates"], info["rankings"],
+        f", loaded {info['checkpoint']}" if info["checkpoint"] else "",
+        f", replayed {info['replayed']} update(s)" if info["replayed"] else "")
     port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    launch(demo, server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1", server_port=port,
-           auth=parse_auth(os.environ.get("RLHF_AUTH")), auth_message="RLHF control room: sign in to rank traces.")
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        launch(demo, server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1", server_port=port,
+               auth=parse_auth(os.environ.get("RLHF_AUTH")), auth_message="RLHF control room: sign in to rank traces.")
+    finally:
+        saved = room.close()  # a clean shutdown checkpoints updates made since the last checkpoint
+        if saved:
+            logging.getLogger("app").info("saved the policy to %s", saved)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,30 @@ class Engine:
             self.store.ensure_workspace(self.workspace)
             self.resume_info = self._open_workspace(self.workspace, replay=resume)
 
+    def attach_store(self, store, workspace: str | None = None, *, preferred: str | None = None, resume: bool = True) -> dict:
+        """Attach a database to an engine built without one (e.g. once the model has
+        loaded, so its workspace can depend on it) and open a workspace: ``workspace``
+        (created if missing), or when None the one ``Store.workspace_for_model`` picks
+        for the loaded model, starting from ``preferred``. Returns ``resume_info``."""
+        if self.store is not None:
+            raise ValueError("this engine already has a database attached")
+        from .store import DEFAULT_WORKSPACE, Store, check_workspace_name
+
+        if not hasattr(store, "record_ranking"):
+            store = Store(store)
+        with self.lock:
+            if workspace is None:
+                workspace = store.workspace_for_model(self.lm.name, self.mode, preferred or DEFAULT_WORKSPACE)
+            check_workspace_name(workspace)
+            store.ensure_workspace(workspace)
+            previous, self.workspace, self.store = self.workspace, workspace, store
+            try:
+                self.resume_info = self._open_workspace(workspace, replay=resume)
+            except BaseException:
+                self.store, self.workspace = None, previous
+                raise
+            return self.resume_info
+
     @property
     def lm(self) -> LoadedModel:
         return self.trainer.lm
@@ -294,6 +318,25 @@ class Engine:
                 shutil.rmtree(ck["path"], ignore_errors=True)
             self.store.mark_checkpoint_deleted(ck["id"])
 
+    @property
+    def unsaved_updates(self) -> int:
+        """Weight-changing updates since the last checkpoint (with a store, a restart
+        replays them; without one they are lost unless saved)."""
+        return self._since_checkpoint
+
+    def save_pending(self) -> Path | None:
+        """With a store: checkpoint the policy if it has updates no checkpoint holds yet
+        (on a clean shutdown, or before another engine opens the workspace), as an
+        automatic checkpoint (pruned like the others). Returns its path, or None."""
+        if self.store is None:
+            return None
+        with self.lock:
+            if not self._since_checkpoint:
+                return None
+            path = self._checkpoint_now("auto", {"reason": "pending updates saved"})
+            self._prune()
+            return path
+
     def checkpoint(self) -> Path:
         """The folder holding the current policy (saved first if it is not
         checkpointed yet), e.g. for a download."""
@@ -323,6 +366,13 @@ class Engine:
 
         workspace = None if all_workspaces else self.workspace
         return export_file(self._require_store(), fmt, directory, workspace, exclude_rationalised)
+
+    def import_file(self, path, annotator: str | None = None) -> dict:
+        """Import a ``rankings`` export or a TRL pair file into the active workspace
+        (see ``export.import_file``); the policy is not updated. Returns counts."""
+        from .export import import_file
+
+        return import_file(self._require_store(), path, self.workspace, annotator)
 
     # -- workspaces -----------------------------------------------------------
 

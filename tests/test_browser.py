@@ -1,6 +1,8 @@
 """End to end in headless Chromium (Debian ``chromium``, driven by Playwright):
-open the page, pick a case, generate, rank, run one DPO update, and check that
-the charts show a new point and that a trace containing ``<script>`` stays inert.
+open the page, pick a case, generate, rank, record a second opinion, run one DPO
+update, and check that the charts show a new point and that a trace containing
+``<script>`` stays inert; then the Data tab (workspaces, the two annotators'
+agreement, a download) and the Evaluate tab (a small held-out A/B run).
 
 The app runs in this process on tiny-random with the scripted backend (see
 ``ui_scenario``), so the update is real. Install the browser with
@@ -54,13 +56,21 @@ def app_url(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser")
     demo = build_app("tiny-random", cases_dir=sc.write_cases(root / "cases"), generate_fn=sc.backend(delay=0.03),
-                     checkpoint_dir=root / "checkpoints")
+                     checkpoint_dir=root / "checkpoints", db_path=root / "rlhf.sqlite", checkpoint_every=10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+def _screenshot(page, name: str) -> None:
+    """With ``UI_SCREENSHOT_DIR`` set, keep a full-page screenshot."""
+    shots = os.environ.get("UI_SCREENSHOT_DIR")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(shots) / name), full_page=True)
 
 
 def _radio_labels(page) -> list[str]:
@@ -122,8 +132,15 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
     assert [label.split(" — ")[0] for label in _radio_labels(page)] == ["1. Trace D", "2. Trace A", "3. Trace C", "4. Trace B"]
     expect(page.locator("#trace-card-3")).to_contain_text("#1")
 
+    # a second opinion: another clinician records the same order without training
+    annotator = page.locator("#annotator textarea, #annotator input").first
+    annotator.fill("Dr Second")
+    page.click("#record-button")
+    expect(page.locator("#update-status")).to_contain_text("Ranking by Dr Second recorded", timeout=TIMEOUT_MS)
+    expect(page.locator("#header")).to_contain_text("policy v0")
+
     # name once, a comment, and one DPO update
-    page.locator("#annotator textarea, #annotator input").first.fill(ANNOTATOR)
+    annotator.fill(ANNOTATOR)
     page.locator("#trace-comment-3 textarea, #trace-comment-3 input").first.fill("concise and safe")
     started = time.perf_counter()
     page.click("#update-button")
@@ -142,11 +159,39 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
     expect(page.locator("#header")).to_contain_text("policy v1")
     expect(page.locator("#updates-table")).to_contain_text(ANNOTATOR)  # user text is shown as text too
     assert page.evaluate("typeof window.__pwned") == "undefined"
+    _screenshot(page, "control_room.png")
+
+    # the Data tab: the workspace, the two annotators' agreement, and a download that serves the file
+    page.get_by_role("tab", name="Data").click()
+    expect(page.locator("#workspace-table")).to_contain_text("default", timeout=TIMEOUT_MS)
+    expect(page.locator("#agreement-table")).to_contain_text("Dr Second", timeout=TIMEOUT_MS)
+    expect(page.locator("#agreement-summary")).to_contain_text("mean Kendall's tau +1.000")
+    page.click("#export-trl")
+    expect(page.locator("#export-status")).to_contain_text("12 row(s) from workspace default", timeout=TIMEOUT_MS)
+    link = page.locator("#export-file a").first
+    expect(link).to_be_visible(timeout=TIMEOUT_MS)
+    download = page.request.get(link.get_attribute("href") if link.get_attribute("href").startswith("http")
+                                else app_url.rstrip("/") + link.get_attribute("href"))
+    assert download.ok and download.text().count("\n") == 12 and '"chosen"' in download.text()
+    _screenshot(page, "data.png")
+
+    # the Evaluate tab: a small A/B run in the engine queue fills the table
+    page.get_by_role("tab", name="Evaluate").click()
+    samples = page.locator("#eval-samples input[type=number]")
+    samples.fill("1")
+    samples.press("Enter")
+    tokens = page.locator("#eval-max-tokens input[type=number]")
+    tokens.fill("16")
+    tokens.press("Enter")
+    started = time.perf_counter()
+    page.click("#eval-run")
+    expect(page.locator("#eval-table")).to_contain_text("policy − reference", timeout=TIMEOUT_MS)
+    expect(page.locator("#eval-summary")).to_contain_text("1 sample(s) per arm")
+    eval_seconds = time.perf_counter() - started
+    assert page.evaluate("typeof window.__pwned") == "undefined"
     assert not page_errors, page_errors
 
-    shots = os.environ.get("UI_SCREENSHOT_DIR")
-    if shots:
-        Path(shots).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(shots) / "control_room.png"), full_page=True)
-    print(f"\nbrowser timings on tiny-random (scripted backend): generate {generate_seconds:.1f}s, update {update_seconds:.1f}s")
+    _screenshot(page, "evaluate.png")
+    print(f"\nbrowser timings on tiny-random (scripted backend): generate {generate_seconds:.1f}s, "
+          f"update {update_seconds:.1f}s, A/B {eval_seconds:.1f}s")
     page.close()

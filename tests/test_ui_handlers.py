@@ -1,27 +1,44 @@
-"""The control room's handlers, called directly on tiny-random with a scripted backend.
+"""The control room's handlers, called directly on tiny-random with a scripted backend
+and a database in a temporary folder.
 
 generate -> rank (invalid orders and hard-safety-first refused) -> update
-(version bumps, history grows, charts get a point) -> checkpoints -> reset,
-switch and load behind a confirmation; plus the named API through gradio_client.
+(committed to the database before it runs; version bumps, history grows, charts
+get a point) -> checkpoints -> reset, switch and load behind a confirmation ->
+restart (history and version continue) -> workspaces, downloads, import,
+agreement between annotators and the held-out A/B; plus the named API through
+gradio_client, and the in-memory mode without a database.
 """
 from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import threading
+import zipfile
 
 import pytest
 
 import ui_scenario as sc
-from ui import case_panel, charts, generate_tab, metrics_panel, model_tab, rank_tab
+from ui import case_panel, charts, data_tab, eval_tab, generate_tab, metrics_panel, model_tab, rank_tab
 from ui.ranking import RankingError, validate_order
 from ui.state import ControlRoom, new_session
 
 
+def make_room(tmp_path, db: str | None = "rlhf.sqlite", **kwargs) -> ControlRoom:
+    kwargs.setdefault("checkpoint_every", 10)
+    return ControlRoom("tiny-random", cases_dir=sc.write_cases(tmp_path / "cases"), generate_fn=sc.backend(),
+                       checkpoint_dir=tmp_path / "checkpoints", device="cpu",
+                       db_path=tmp_path / db if db else None, export_dir=tmp_path / "exports", **kwargs)
+
+
 @pytest.fixture
 def room(tmp_path):
-    return ControlRoom("tiny-random", cases_dir=sc.write_cases(tmp_path / "cases"), generate_fn=sc.backend(),
-                       checkpoint_dir=tmp_path / "checkpoints", device="cpu")
+    return make_room(tmp_path)
+
+
+@pytest.fixture
+def memory_room(tmp_path):
+    return make_room(tmp_path, db=None)
 
 
 def generate(room, session=None, k=4, case_id=sc.CASE.id):
@@ -60,6 +77,7 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
     assert len(final["ranking"]["choices"]) == 4 and final["ranking"]["interactive"]
     assert room.metrics("generation")[-1]["acceptance_rate"] == pytest.approx(0.5)
     assert len(final["chart_acceptance"].data) == 1  # the acceptance chart got its point
+    assert room.store.count("traces", "default") == 8  # every trace drawn is stored, rejected ones too
 
 
 def test_generate_needs_a_case_and_valid_settings(room):
@@ -118,11 +136,14 @@ def test_submit_runs_a_dpo_update_and_streams_metrics(room):
     assert [list(tr.x) for tr in loss.data if tr.mode == "lines+markers"] == [[1]]
     assert any(0 < x < 1 for tr in loss.data for x in tr.x), "per-step points at fractional versions"
     assert len(final["chart_rewards"].data) >= 3 and final["table"][0][0] == "0 → 1"
-    record = room.rankings[-1]
-    assert record["annotator"] == "Dr Ada" and record["policy_version_sampled"] == 0
-    assert record["comments"] == {session["batch"]["traces"][0]["trace_id"]: "clear and safe"}
-    assert record["order"] == session["batch"]["order"]
-    assert final["session"]["batch"]["submitted"] and not final["ranking"]["interactive"]
+    [stored] = room.store.rankings("default")
+    assert stored["annotator"] == "Dr Ada" and stored["status"] == "applied" and stored["policy_version"] == 0
+    assert stored["comments"] == {session["batch"]["traces"][0]["trace_id"]: "clear and safe"}
+    assert stored["trace_ids"] == session["batch"]["order"] and stored["case_id"] == sc.CASE.id
+    assert "stored as ranking #" in final["update_status"] and room.describe()["rankings"] == 1
+    # submitted: no second update, but the order may still change for a second opinion
+    assert final["session"]["batch"]["submitted"] and final["ranking"]["interactive"]
+    assert "Record ranking only" in final["rank_message"]
     again = submit(room, final["session"])
     assert "already submitted" in again[-1]["_warning"] and room.version == 1
     # the traces of the next generation record the version they were sampled from
@@ -145,15 +166,16 @@ def test_grpo_update_and_metrics_refresh(room):
 def test_save_load_reset_behind_confirmation(room, tmp_path):
     _, session = generate(room, k=3)
     session = submit(room, session)[-1]["session"]
-    assert room.version == 1 and len(room.unsaved) == 1
+    assert room.version == 1 and room.unsaved_count() == 1  # checkpoint_every=10: not in a checkpoint yet
     asked = model_tab.request_reset(room, session)
     assert asked["confirm_panel"]["visible"]
     assert "1 ranking update(s) by Dr Ada" in asked["confirm_message"]
+    assert "stays in the database" in asked["confirm_message"]
     cancelled = model_tab.cancel(room, asked["session"])
     assert cancelled["session"]["pending"] is None and room.version == 1
     outs = list(model_tab.confirm(room, asked["session"], True, "after-first"))
     assert room.version == 0 and (tmp_path / "checkpoints" / "after-first" / "manifest.json").is_file()
-    assert "Saved policy v1" in outs[-1]["model_status"] and room.unsaved == []
+    assert "Saved policy v1" in outs[-1]["model_status"] and room.unsaved_count() == 0
     assert [c["name"] for c in room.checkpoints()] == ["after-first"]
     asked = model_tab.request_load(room, outs[-1]["session"], "after-first")
     assert "nothing is lost" in asked["confirm_message"]
@@ -163,21 +185,34 @@ def test_save_load_reset_behind_confirmation(room, tmp_path):
     assert "Could not save" in bad["model_status"]
     # a run boundary: the charts start a new run, the earlier one stays (grey)
     assert room.run == 3 and charts.current_run(room.metrics()) == 1
+    assert [c["kind"] for c in room.store.checkpoints("default")] == ["manual", "reset", "loaded"]
+    assert len(room.metrics("update")) == 1  # the history is kept across reset and load
 
 
 def test_switch_model_discards_only_after_confirmation(room):
     _, session = generate(room, k=3)
+    session = submit(room, session, steps=1)[-1]["session"]
+    _, session = generate(room, session, k=3)
     asked = model_tab.request_switch(room, session, "tiny-random", True)
     assert "will be discarded" in asked["confirm_message"] and room.describe()["mode"] == "full"
+    assert "nothing is lost" in asked["confirm_message"]
     old_batch = asked["session"]["batch"]
     outs = list(model_tab.confirm(room, asked["session"], False, ""))
     assert room.describe()["mode"] == "lora" and outs[-1]["session"]["batch"] is None
     assert outs[-1]["lr"] == pytest.approx(5e-5)
+    # "default" holds a full fine-tuned policy: the LoRA model gets a workspace of its own
+    assert room.workspace == "tiny-random-lora" and room.version == 0 and room.metrics("update") == []
+    assert "workspace tiny-random-lora" in outs[-1]["model_status"]
     # another browser still holding traces of the old model cannot train on them
     stale = submit(room, {**new_session(), "batch": old_batch})
-    assert "model was switched" in stale[-1]["_warning"]
+    assert "model or workspace was switched" in stale[-1]["_warning"]
     failed = list(model_tab.confirm(room, {**new_session(), "pending": {"action": "switch", "model": "no-such-model", "lora": False}}, False, ""))
     assert "previous policy is still loaded" in failed[-1]["model_status"] and room.describe()["mode"] == "lora"
+    assert room.store.workspace("no-such-model-full") is None  # nothing is created for a model that did not load
+    # back to full fine-tuning: its workspace, checkpointed on the way out, comes back at v1
+    list(model_tab.confirm(room, {**new_session(), "pending": {"action": "switch", "model": "tiny-random", "lora": False}}, False, ""))
+    assert room.workspace == "default" and room.version == 1 and room.engine.resume_info["replayed"] == 0
+    assert len(room.metrics("update")) == 1
 
 
 def test_case_filter_pick_and_upload_errors_are_shown(room, tmp_path):
@@ -213,6 +248,7 @@ def test_updates_from_two_sessions_are_serialised(room):
         t.join()
     assert not errors and room.version == 2
     assert sorted((u["version_before"], u["version"]) for u in room.metrics("update")) == [(0, 1), (1, 2)]
+    assert sorted(r["annotator"] for r in room.store.rankings("default", status="applied")) == ["A", "B"]
 
 
 def test_chart_builders_are_pure_and_handle_empty_history():
@@ -246,7 +282,7 @@ def test_named_api_drives_the_loop_headlessly(tmp_path):
     from app import build_app, launch
 
     demo = build_app("tiny-random", cases_dir=sc.write_cases(tmp_path / "cases"), generate_fn=sc.backend(),
-                     checkpoint_dir=tmp_path / "ckpt")
+                     checkpoint_dir=tmp_path / "ckpt", db_path=tmp_path / "rlhf.sqlite", export_dir=tmp_path / "exports")
     port = _free_port()
     launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -262,6 +298,8 @@ def test_named_api_drives_the_loop_headlessly(tmp_path):
         assert result["version"] == 1 and result["version_before"] == 0
         metrics = client.predict(api_name="/metrics")
         assert metrics["model"]["version"] == 1 and len(metrics["updates"]) == 1
+        assert metrics["model"]["workspace"] == "default" and metrics["updates"][0]["annotator"] == "api-bot"
+        assert demo.room.store.rankings("default")[0]["uid"]  # the API's ranking is in the database
         with pytest.raises(Exception, match="already ranked"):
             client.predict(batch_id=batch["batch_id"], ranking=order, annotator="api-bot", api_name="/rank_update")
     finally:
@@ -294,7 +332,7 @@ def test_login_is_required_when_configured(tmp_path):
 def test_real_sampling_on_tiny_random_reports_a_shortfall(tmp_path):
     """Without the scripted backend: the engine's own sampler, whose random bytes never verify."""
     room = ControlRoom("tiny-random", cases_dir=sc.write_cases(tmp_path / "cases"), device="cpu",
-                       checkpoint_dir=tmp_path / "ckpt")
+                       checkpoint_dir=tmp_path / "ckpt", db_path=tmp_path / "rlhf.sqlite")
     outs = list(generate_tab.generate(room, new_session(), sc.OTHER.id, 2, 16, 0.8, 2, False))
     final = outs[-1]
     assert final["session"]["batch"]["traces"] == [] and len(final["session"]["batch"]["rejected"]) == 2
@@ -302,3 +340,207 @@ def test_real_sampling_on_tiny_random_reports_a_shortfall(tmp_path):
     assert "0 rankable of 2 sampled" in final["gen_progress"]
     refused = submit(room, final["session"])
     assert "At least two" in refused[-1]["_warning"]
+    assert room.store.count("traces", "default") == 2  # rejected traces are stored too
+
+
+# --------------------------------------------------------------------------- the database
+
+
+def _db_rows(path, sql, params=()):
+    """Read the database from another connection, as another process would."""
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_ranking_is_committed_before_its_update_runs(room, tmp_path, monkeypatch):
+    db = tmp_path / "rlhf.sqlite"
+    _, session = generate(room, k=3)
+    seen = []
+    train = room.engine.trainer.update
+
+    def spying_update(traces, ranking, config, on_step=None):
+        def on_step_seeing_the_db(m):
+            if not seen:
+                seen.append((_db_rows(db, "SELECT annotator, status FROM rankings"),
+                             _db_rows(db, "SELECT COUNT(*) FROM updates")[0][0]))
+            on_step(m)
+
+        return train(traces, ranking, config, on_step=on_step_seeing_the_db)
+
+    monkeypatch.setattr(room.engine.trainer, "update", spying_update)
+    submit(room, session, annotator="Dr Ada")
+    assert seen == [([("Dr Ada", "pending")], 0)], "the ranking is durable before the first step"
+    assert _db_rows(db, "SELECT annotator, status FROM rankings") == [("Dr Ada", "applied")]
+    assert _db_rows(db, "SELECT version FROM updates") == [(1,)]
+
+
+def test_restart_shows_the_full_history_and_continues_the_version(tmp_path):
+    room = make_room(tmp_path)
+    _, session = generate(room, k=3)
+    session = submit(room, session, annotator="Dr Ada")[-1]["session"]
+    _, session = generate(room, session, k=3, case_id=sc.OTHER.id)
+    submit(room, session, annotator="Dr Bo", algorithm="GRPO", steps=1)
+    assert room.version == 2 and room.store.latest_checkpoint("default") is None  # every 10 updates only
+
+    # a crash (no clean shutdown): the new app replays both rankings from the database
+    crashed = make_room(tmp_path)
+    assert crashed.engine.resume_info["replayed"] == 2 and crashed.version == 2
+    updates = crashed.metrics("update")
+    assert [(u["version_before"], u["version"], u["annotator"]) for u in updates] == [(0, 1, "Dr Ada"), (1, 2, "Dr Bo")]
+    view = metrics_panel.metrics_view(crashed)
+    assert [list(tr.x) for tr in view["chart_loss"].data if tr.mode == "lines+markers"] == [[1, 2]]
+    assert [list(tr.x) for tr in view["chart_acceptance"].data] == [[0, 1]]  # from the updates' sampling numbers
+    assert [row[0] for row in view["table"]] == ["1 → 2", "0 → 1"] and "policy v2" in view["header"]
+    # the next update continues the version
+    _, session = generate(crashed, k=3)
+    submit(crashed, session, annotator="Dr Cy", steps=1)
+    assert crashed.version == 3 and [u["version"] for u in crashed.metrics("update")] == [1, 2, 3]
+
+    # a clean shutdown checkpoints, so the next start loads instead of replaying
+    assert crashed.close() is not None
+    again = make_room(tmp_path)
+    assert again.engine.resume_info["replayed"] == 0 and again.version == 3
+    assert len(again.metrics("update")) == 3 and again.describe()["rankings"] == 3
+
+
+def test_workspaces_create_switch_and_isolate_history(room, tmp_path):
+    _, session = generate(room, k=3)
+    session = submit(room, session)[-1]["session"]
+    _, session = generate(room, session, k=3)  # an unsubmitted batch from workspace "default"
+    bad = data_tab.create_workspace(room, session, "../nope")
+    assert "Could not create workspace" in bad["workspace_status"]
+    out = data_tab.create_workspace(room, session, "ward-b")
+    assert "Created workspace ward-b" in out["workspace_status"] and out["workspace_confirm_panel"]["visible"]
+    assert "will be discarded" in out["workspace_confirm_message"] and room.workspace == "default"
+    assert [r[0] for r in out["workspace_table"]] == ["default", "ward-b"]
+    cancelled = data_tab.cancel_workspace_switch(room, out["session"])
+    assert cancelled["session"]["pending_workspace"] is None and room.workspace == "default"
+
+    outs = list(data_tab.confirm_workspace_switch(room, out["session"]))
+    final = outs[-1]
+    assert room.workspace == "ward-b" and room.version == 0 and final["session"]["batch"] is None
+    assert room.metrics("update") == [] and "workspace ward-b" in final["header"]
+    assert all(len(fig.data) == 0 for k, fig in final.items() if k.startswith("chart_"))
+    assert [r[-1] for r in final["workspace_table"]] == ["", "●"]
+    stale = submit(room, session)  # traces sampled from the other workspace's policy
+    assert "workspace was switched" in stale[-1]["_warning"] and room.store.count("rankings", "ward-b") == 0
+
+    _, session = generate(room, final["session"], k=3)
+    submit(room, session, annotator="Dr Bo", steps=1)
+    assert room.version == 1 and [u["annotator"] for u in room.metrics("update")] == ["Dr Bo"]
+    asked = data_tab.request_workspace_switch(room, new_session(), "default")
+    back = list(data_tab.confirm_workspace_switch(room, asked["session"]))[-1]
+    assert room.workspace == "default" and room.version == 1 and "Now in workspace default" in back["workspace_status"]
+    assert [u["annotator"] for u in room.metrics("update")] == ["Dr Ada"]
+    # the app remembers the workspace it was in: a restart opens it again
+    list(data_tab.confirm_workspace_switch(room, data_tab.request_workspace_switch(room, new_session(), "ward-b")["session"]))
+    room.close()
+    restarted = make_room(tmp_path)
+    assert restarted.workspace == "ward-b" and restarted.version == 1
+
+
+def _record_second_opinion(room):
+    """Dr A records an order without training, Dr B reorders and updates: the same traces, two rankings."""
+    _, session = generate(room, k=3)
+    batch = session["batch"]
+    out = rank_tab.record_only(room, session, "Dr A")
+    assert "Ranking by Dr A recorded" in out["update_status"] and room.version == 0
+    assert out["ranking"]["interactive"] and "Dr A" in out["rank_message"]
+    safe = by_text(batch, sc.SAFE)
+    moved = rank_tab.move_down(room, out["session"], safe)["session"]  # A C B -> swap the first two
+    final = submit(room, moved, annotator="Dr B")[-1]
+    assert room.version == 1
+    return final["session"]
+
+
+def test_agreement_appears_after_two_annotators_rank_the_same_group(room):
+    assert "No trace group" in data_tab.data_view(room)["agreement_summary"]
+    session = _record_second_opinion(room)
+    view = data_tab.data_view(room)
+    [row] = view["agreement_table"]
+    assert row[:3] == [sc.CASE.id, "Dr A, Dr B", 3]
+    assert row[3] == "Dr A vs Dr B: +0.33" and row[4] == pytest.approx(1 / 3, abs=1e-3)  # one of three pairs swapped
+    assert "1 trace group(s)" in view["agreement_summary"] and "+0.333" in view["agreement_summary"]
+    # after the update a third clinician can still give a second opinion on the same traces
+    out = rank_tab.record_only(room, session, "Dr C")
+    assert "recorded" in out["update_status"] and room.version == 1
+    [row] = data_tab.data_view(room)["agreement_table"]
+    assert row[1] == "Dr A, Dr B, Dr C" and row[3].count("vs") == 3
+    assert "Enter your name" in rank_tab.record_only(room, session, " ")["_warning"]
+
+
+def test_exports_download_and_load_with_datasets(room, tmp_path):
+    from datasets import load_dataset
+
+    _record_second_opinion(room)
+    files = {}
+    for key in data_tab.EXPORTS:
+        out = data_tab.export_data(room, key, False, False)
+        assert "row(s) from workspace default" in out["export_status"], out
+        files[key] = out["export_file"]
+        assert files[key].startswith(str(tmp_path / "exports"))
+    loaded = {k: load_dataset("json", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
+              for k, path in files.items()}
+    assert len(loaded["trl"]) == 2 * 3 and {"prompt", "chosen", "rejected"} <= set(loaded["trl"].column_names)
+    assert loaded["trl"][0]["prompt"][0]["role"] == "system" and loaded["trl"][0]["chosen"][0]["role"] == "assistant"
+    assert isinstance(loaded["trl-text"][0]["prompt"], str) and len(loaded["trl-text"]) == 6
+    assert sorted(loaded["rankings"]["annotator"]) == ["Dr A", "Dr B"]
+    assert loaded["agreement"][0]["annotators"] == ["Dr A", "Dr B"]
+    out = data_tab.export_data(room, "trl", True, True)
+    assert "all workspaces" in out["export_status"] and "rationalised traces left out" in out["export_status"]
+    zipped = data_tab.export_checkpoint(room)
+    assert "Checkpoint of policy v1" in zipped["export_status"]
+    with zipfile.ZipFile(zipped["export_file"]) as z:
+        assert "manifest.json" in z.namelist()
+        assert json.loads(z.read("manifest.json"))["version"] == 1
+
+
+def test_import_round_trip_through_the_upload_handler(room, tmp_path):
+    _record_second_opinion(room)
+    exported = data_tab.export_data(room, "rankings", False, False)["export_file"]
+    other = make_room(tmp_path, db="site-b.sqlite")
+    out = data_tab.import_rankings(other, exported)
+    assert "2 ranking(s) added" in out["import_status"] and other.version == 0  # no training on imports
+    assert sorted(r["annotator"] for r in other.store.rankings("default")) == ["Dr A", "Dr B"]
+    assert [r[1] for r in out["agreement_table"]] == ["Dr A, Dr B"]
+    again = data_tab.import_rankings(other, exported)
+    assert "0 ranking(s) added, 2 already there" in again["import_status"]
+    # TRL pairs from the same site put the K-way rankings back together: nothing new either
+    pairs = data_tab.export_data(room, "trl", False, False)["export_file"]
+    assert "0 ranking(s) added" in data_tab.import_rankings(other, pairs)["import_status"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "x"}\nnot json\n')
+    bad = data_tab.import_rankings(other, str(broken))
+    assert "Could not import broken.jsonl" in bad["import_status"] and "line" in bad["import_status"]
+    assert str(tmp_path) not in bad["import_status"]  # the server's folders are not shown
+
+
+def test_eval_handler_returns_a_table_on_tiny_random(room):
+    assert "No evaluation yet" in eval_tab.show_last(room)["eval_summary"]
+    outs = list(eval_tab.run_eval(room, 2, 8))
+    final = outs[-1]
+    assert any("Sampling" in o.get("eval_progress", "") for o in outs[:-1])
+    assert [r[0] for r in final["eval_table"]] == ["reference", "policy", "policy − reference"]
+    assert final["eval_table"][0][1] == "0/2" and "Wilson" in final["eval_table"][0][3]  # random bytes never verify
+    assert "Fisher" in final["eval_table"][2][-1] and "Fisher exact p" in final["eval_text"]
+    assert "1 held-out case(s) of 2" in final["eval_summary"] and len(room.last_eval["cases"]) == 1
+    assert eval_tab.show_last(room)["eval_table"] == final["eval_table"]
+    bad = list(eval_tab.run_eval(room, 0, 8))
+    assert "at least 1" in bad[-1]["_warning"]
+
+
+def test_without_a_database_history_lives_in_memory(memory_room):
+    room = memory_room
+    _, session = generate(room, k=3)
+    final = submit(room, session)[-1]
+    assert room.version == 1 and len(room.metrics("update")) == 1 and len(room.unsaved) == 1
+    assert "stored as ranking" not in final["update_status"] and not final["ranking"]["interactive"]
+    assert "without a database" in rank_tab.record_only(room, session, "Dr A")["_warning"]
+    assert "without a database" in data_tab.data_view(room)["data_info"]
+    assert "Could not export" in data_tab.export_data(room, "trl", False, False)["export_status"]
+    assert zipfile.is_zipfile(data_tab.export_checkpoint(room)["export_file"])
+    asked = model_tab.request_reset(room, final["session"])
+    assert "1 ranking update(s) by Dr Ada" in asked["confirm_message"] and "no database" in asked["confirm_message"]

@@ -3,7 +3,8 @@
     /cases        list the cases (optionally of one specialty)
     /generate     rejection-sample K verified traces for a case -> batch_id + traces
     /rank_update  rank a batch (trace ids, best first) and update the policy -> metrics
-    /metrics      the session's metrics history and the model's state
+    /metrics      the metrics history (of the active workspace, when the app has a
+                  database) and the model's state
 
 Generation and updates share the UI's engine queue (one at a time).
 """
@@ -49,7 +50,7 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = 192, temp
     for last in room.sample(room.case(case_id), sampling, rejection):
         pass
     accepted = [t.to_dict() for t in last.accepted]
-    batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate)
+    batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate, getattr(last, "generation_id", None))
     accepted_ids = {t["trace_id"] for t in accepted}
     return {
         "batch_id": batch_id, "case_id": case_id, "policy_version": room.version,
@@ -78,7 +79,8 @@ def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, alg
         config = type(DEFAULTS[algorithm])(**kwargs)
         final = None
         for final in room.update(batch["traces"], list(ranking), config, annotator=annotator, model_key=batch["model_key"],
-                                 comments=dict(comments or {}), acceptance_rate=batch["acceptance_rate"]):
+                                 comments=dict(comments or {}), acceptance_rate=batch["acceptance_rate"],
+                                 generation_id=batch.get("generation_id")):
             pass
     except (RankingError, ValueError) as err:
         raise gr.Error(str(err)) from err

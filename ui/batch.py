@@ -16,12 +16,27 @@ def slim(trace: dict) -> dict:
     return {k: trace.get(k) for k in SLIM_KEYS}
 
 
-def new_batch(case_id: str, accepted: list[dict], rejected: list[dict], model_key: str, report: dict, version: int) -> dict:
+def new_batch(case_id: str, accepted: list[dict], rejected: list[dict], model_key: str, report: dict, version: int,
+              generation_id: str | None = None, second_opinions: bool = False) -> dict:
+    """A session's batch. ``second_opinions``: rankings can be recorded without an update
+    (the app has a database), also after the batch was submitted for an update."""
     return {
         "case_id": case_id, "traces": accepted, "rejected": [slim(t) for t in rejected],
         "order": initial_order(accepted), "model_key": model_key, "report": report,
         "acceptance_rate": report.get("acceptance_rate"), "version": version, "submitted": False,
+        "generation_id": generation_id, "second_opinions": bool(second_opinions), "recorded": [],
     }
+
+
+def can_reorder(batch: dict | None) -> bool:
+    """Whether the ranking control may change: before the update, or for a second opinion after it."""
+    return bool(batch) and (not batch.get("submitted") or bool(batch.get("second_opinions")))
+
+
+def recorded_note(batch: dict) -> str:
+    """Who has ranked these traces so far (stored rankings of this session's batch)."""
+    who = [r["annotator"] + (" (update)" if r.get("update") else "") for r in batch.get("recorded") or []]
+    return f" Stored rankings of these traces: {', '.join(who)}." if who else ""
 
 
 def positions(batch: dict | None) -> dict[str, int]:
@@ -94,7 +109,14 @@ def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
     by_id = {t["trace_id"]: t for t in traces}
     choices = [(ranking_label(by_id[tid], index[tid], p + 1), tid) for p, tid in enumerate(batch["order"])]
     if batch.get("submitted"):
-        message = status_html(f"Ranking submitted (policy v{batch.get('version_after', '?')}). Generate new traces to rank again.", "ok")
+        done = f"Ranking submitted (policy v{batch.get('version_after', '?')})."
+        if batch.get("second_opinions"):
+            message = status_html(f"{done} Another clinician may reorder these traces and press “Record ranking only” "
+                                  f"(a second opinion, for the agreement view); generate new traces to update again."
+                                  f"{recorded_note(batch)}", "ok")
+            return {"ranking": gr.update(choices=choices, value=selected if selected in index else None, interactive=True),
+                    "rank_message": message}
+        message = status_html(f"{done} Generate new traces to rank again.", "ok")
         return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
     if len(traces) < 2:
         message = status_html(f"Only {len(traces)} trace(s) passed the verifier; ranking needs at least 2. "
@@ -104,7 +126,7 @@ def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
         message = status_html("Every accepted trace has a hard safety violation, so none can be ranked first. Generate again.", "error")
         return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
     message = status_html("Select a trace, then move it up or down. Top = best. "
-                          "Traces with a hard safety violation cannot be placed first.", "info")
+                          "Traces with a hard safety violation cannot be placed first." + recorded_note(batch), "info")
     return {"ranking": gr.update(choices=choices, value=selected if selected in index else None, interactive=True),
             "rank_message": message}
 

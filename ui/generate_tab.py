@@ -60,7 +60,8 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
     accepted_ids = {t.trace_id for t in last.accepted}
     batch = new_batch(case.id, [t.to_dict() for t in last.accepted],
                       [t.to_dict() for t in last.traces if t.trace_id not in accepted_ids],
-                      model_key, last.report.to_dict(), version)
+                      model_key, last.report.to_dict(), version,
+                      generation_id=getattr(last, "generation_id", None), second_opinions=room.has_store)
     report = last.report
     done = progress_html(
         "Done", 1,

@@ -36,11 +36,17 @@ def model_info_html(room) -> str:
 
 def _what_is_lost(room, session: dict, action: dict) -> str:
     lines = []
-    unsaved = list(room.unsaved)
-    if unsaved:
-        who = ", ".join(sorted({r["annotator"] for r in unsaved}))
-        lines.append(f"{len(unsaved)} ranking update(s) by {who} have changed the weights since the last checkpoint; "
-                     "those weights are lost unless you save first (the rankings stay in the session log).")
+    count, who = room.unsaved_count(), ", ".join(room.unsaved_annotators()) or "unknown"
+    if room.has_store and action["action"] == "switch":
+        lines.append(f"The current policy is checkpointed in workspace {room.workspace} first, so nothing is lost. "
+                     "The new model opens the last workspace it was used in (this one if it fits, else a new one).")
+    elif count and room.has_store:
+        lines.append(f"{count} ranking update(s) by {who} have changed the weights since the last checkpoint; "
+                     f"those weights are lost unless you save first. Every ranking stays in the database "
+                     f"(workspace {room.workspace}) and in its exports.")
+    elif count:
+        lines.append(f"{count} ranking update(s) by {who} have changed the weights since the last checkpoint; "
+                     "those weights are lost unless you save first (the rankings are not stored: no database).")
     else:
         lines.append("Every update is in a checkpoint; nothing is lost.")
     batch = session.get("batch")
@@ -110,7 +116,8 @@ def confirm(room, session: dict, save_first: bool, checkpoint_name: str):
         if action["action"] == "switch":
             info = room.switch_model(action["model"], action["lora"])
             session["batch"] = None
-            message = f"Now running {info['model']} ({info['mode']}), policy v0."
+            where = f" in workspace {info['workspace']}" if info.get("workspace") else ""
+            message = f"Now running {info['model']} ({info['mode']}){where}, policy v{info['version']}."
         elif action["action"] == "reset":
             room.reset()
             message = "Policy reset to the reference (v0)."

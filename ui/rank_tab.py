@@ -13,7 +13,7 @@ import gradio as gr
 from rlhf_core.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 from rlhf_core.update import DPOConfig, GRPOConfig, OptimConfig, make_config
 
-from .batch import MAX_CARDS, heads_view, ranking_view
+from .batch import MAX_CARDS, can_reorder, heads_view, ranking_view
 from .generate_tab import CHART_OUTPUTS
 from .metrics_panel import metrics_view
 from .ranking import RankingError, move
@@ -29,7 +29,7 @@ MOVE_OUTPUTS = ["session", "ranking", "rank_message", *[f"card{i}_head" for i in
 
 def move_trace(room, session: dict, selected: str | None, delta: int) -> dict:
     batch = session.get("batch")
-    if not batch or batch.get("submitted"):
+    if not can_reorder(batch):
         return {"_warning": "Nothing to rank: generate traces first."}
     order, refusal = move(batch["order"], selected, delta, batch["traces"])
     if refusal:
@@ -63,6 +63,37 @@ def update_config(algorithm_label: str, beta, lr, steps, loss_type):
     return make_config(algo, **kwargs)
 
 
+def comments_by_trace(batch: dict, comments) -> dict[str, str]:
+    """The comment boxes (one per card, in trace order) keyed by trace id."""
+    return {t["trace_id"]: (comments[i] if i < len(comments) else "") or "" for i, t in enumerate(batch["traces"])}
+
+
+def record_only(room, session: dict, annotator: str, *comments) -> dict:
+    """Store the current order as a ranking without updating the policy: a second
+    opinion on the same traces, so the agreement view can compare annotators."""
+    batch = session.get("batch")
+    annotator = (annotator or "").strip()
+
+    def refuse(message: str) -> dict:
+        return {"update_status": status_html(message, "error"), "_warning": message}
+
+    if not batch:
+        return refuse("Nothing to rank: generate traces first.")
+    try:
+        ranking_id = room.record_ranking(batch["traces"], batch["order"], annotator=annotator,
+                                         model_key=batch["model_key"], comments=comments_by_trace(batch, comments))
+    except (RankingError, ValueError) as err:
+        return refuse(str(err))
+    recorded = [*(batch.get("recorded") or []), {"annotator": annotator, "ranking_id": ranking_id}]
+    batch = {**batch, "recorded": recorded}
+    again = sum(r["annotator"] == annotator for r in recorded) > 1
+    message = (f"Ranking by {annotator} recorded (no update; policy stays v{room.version})."
+               + (" It replaces your earlier ranking of these traces in the agreement view." if again else "")
+               + " Another clinician can now reorder and record theirs.")
+    return {"session": {**session, "batch": batch, "annotator": annotator}, "update_status": status_html(message, "ok"),
+            **ranking_view(batch, None), "_info": f"Ranking by {annotator} recorded"}
+
+
 def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps, loss_type, *comments):
     """Validate the ranking, run the update streaming per-step metrics, then show the result."""
     batch = session.get("batch")
@@ -76,14 +107,15 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
         yield refuse("Nothing to rank: generate traces first.")
         return
     if batch.get("submitted"):
-        yield refuse("This ranking was already submitted. Generate new traces to rank again.")
+        extra = " (“Record ranking only” stores a second opinion without an update)" if batch.get("second_opinions") else ""
+        yield refuse(f"This ranking was already submitted. Generate new traces to update again{extra}.")
         return
     try:
         config = update_config(algorithm, beta, lr, steps, loss_type)
     except (TypeError, ValueError) as err:
         yield refuse(f"Invalid update settings: {err}")
         return
-    by_position = {t["trace_id"]: (comments[i] if i < len(comments) else "") for i, t in enumerate(batch["traces"])}
+    by_position = comments_by_trace(batch, comments)
     steps_total = config.steps
     yield {"update_progress": progress_html("Waiting for the model…", 0, "queued behind other work, if any"),
            "update_status": ""}
@@ -91,7 +123,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
     try:
         for event in room.update(batch["traces"], batch["order"], config, annotator=annotator,
                                  model_key=batch["model_key"], comments=by_position,
-                                 acceptance_rate=batch.get("acceptance_rate")):
+                                 acceptance_rate=batch.get("acceptance_rate"), generation_id=batch.get("generation_id")):
             if event["kind"] == "step":
                 n = event["step"] + 1
                 yield {"update_progress": progress_html(f"{config.algorithm.upper()} step {n}/{steps_total}", n / steps_total,
@@ -102,13 +134,18 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
         yield refuse(str(err))
         return
     except Exception as err:  # noqa: BLE001 - shown to the clinician
+        kept = " The ranking itself is stored (marked failed)." if room.has_store else ""
         yield {"update_progress": progress_html("Update failed", 1, str(err), "error"),
-               "update_status": status_html(f"Update failed: {err}", "error"), "_warning": f"Update failed: {err}"}
+               "update_status": status_html(f"Update failed: {err}.{kept}", "error"), "_warning": f"Update failed: {err}"}
         return
-    done_batch = {**batch, "submitted": True, "version_after": result["version"], "ranking_id": record["ranking_id"]}
+    done_batch = {**batch, "submitted": True, "version_after": result["version"], "ranking_id": record["ranking_id"],
+                  "recorded": [*(batch.get("recorded") or []),
+                               {"annotator": annotator, "ranking_id": record["ranking_id"], "update": True}]}
     skipped = " (all steps skipped: non-finite loss; weights unchanged)" if result.get("skipped") else ""
     summary = (f"{config.algorithm.upper()} update applied by {annotator}: policy v{record['version_before']} → "
                f"v{result['version']} · loss {result['loss']:.4f} · KL {result['kl']:.4f} · {result['seconds']:.1f}s{skipped}")
+    if room.has_store:
+        summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
     yield {"session": {**session, "batch": done_batch, "annotator": annotator},
            "update_progress": progress_html("Update done", 1, f"policy v{result['version']}", "done"),
            "update_status": status_html(summary, "warn" if skipped else "ok"), **ranking_view(done_batch),
@@ -133,7 +170,13 @@ def build_rank_panel(room, ui: dict) -> None:
                              info="engine default for the current mode (full / LoRA)")
         ui["steps"] = gr.Slider(1, 20, value=OptimConfig().steps, step=1, label="Optimisation steps", elem_id="steps")
         ui["loss_type"] = gr.Dropdown(list(DPO_LOSS_TYPES), value=d.loss_type, label="Loss variant", elem_id="loss-type")
-    ui["update_button"] = gr.Button("Submit ranking & update policy", variant="primary", elem_id="update-button")
+    with gr.Row():
+        ui["update_button"] = gr.Button("Submit ranking & update policy", variant="primary", elem_id="update-button", scale=3)
+        ui["record_button"] = gr.Button("Record ranking only", elem_id="record-button", scale=2,
+                                        visible=room.has_store)
+    if room.has_store:
+        gr.HTML('<div class="cr-muted">“Record ranking only” stores your order without training (a second opinion): '
+                'where two or more clinicians rank the same traces, the Data tab shows their agreement.</div>')
     ui["update_progress"] = gr.HTML(progress_html("Idle", 0, "", "idle"), elem_id="update-progress")
     ui["update_status"] = gr.HTML("", elem_id="update-status")
 
@@ -143,6 +186,8 @@ def bind_rank(room, ui: dict) -> None:
     light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking"], MOVE_OUTPUTS)
     light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm"], ["beta", "loss_type"])
     comments = [f"card{i}_comment" for i in range(MAX_CARDS)]
+    light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", *comments],
+                ["session", "update_status", "ranking", "rank_message"], show_progress="minimal")
     engine_event(ui["update_button"].click, submit, room, ui,
                  ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", *comments], SUBMIT_OUTPUTS,
                  show_progress="minimal", show_progress_on=[ui["update_progress"]])

@@ -59,6 +59,7 @@ CSS = """
 .cr-section-title { font-weight:700; font-size:1rem; color:#0f172a; margin:2px 0; }
 #ranking-list label { width:100%; }
 .cr-confirm { border:2px solid #f59e0b !important; background:#fffbeb !important; border-radius:10px !important; }
+.cr-mono textarea { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace !important; font-size:0.82rem !important; }
 """
 
 

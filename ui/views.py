@@ -120,7 +120,12 @@ def case_meta_html(case: Case | None) -> str:
 
 def header_html(info: dict) -> str:
     unsaved = info.get("unsaved_updates", 0)
-    saved = badge("warn", f"{unsaved} update(s) not in a checkpoint") if unsaved else badge("ok", "checkpoint up to date")
+    if info.get("persistent"):  # rankings are in the database; a restart replays updates past the checkpoint
+        saved = badge("chip", "workspace " + str(info.get("workspace"))) + " " + badge("ok", "saved to the database")
+    elif unsaved:
+        saved = badge("warn", f"{unsaved} update(s) not in a checkpoint")
+    else:
+        saved = badge("ok", "checkpoint up to date")
     return (f'<div class="cr-header"><div class="cr-title">RLHF control room '
             f'<span class="cr-muted">medical reasoning</span></div><div class="cr-header-facts">'
             f'{badge("chip", "model " + str(info.get("model")))} {badge("chip", str(info.get("mode")) + " fine-tuning" if info.get("mode") == "full" else "LoRA")} '
@@ -132,6 +137,14 @@ def header_html(info: dict) -> str:
 def model_info(d: dict) -> str:
     """The model panel's summary of the loaded policy (``ControlRoom.describe()``)."""
     mode = "LoRA adapter" if d["mode"] == "lora" else "full fine-tuning"
+    if d.get("persistent"):
+        where = (f'<div>workspace <b>{esc(d.get("workspace"))}</b> · {d["rankings"]} rankings stored · '
+                 f'{d["unsaved_updates"]} update(s) since the last checkpoint (replayed on restart) · '
+                 f'database <code>{esc(d.get("db"))}</code></div>')
+        count = ""
+    else:
+        where = '<div class="cr-muted">no database: rankings and history live in memory only</div>'
+        count = f' · {d["rankings"]} rankings this session · {d["unsaved_updates"]} update(s) not in a checkpoint'
     return (f'<div class="cr-case-meta"><div><b>{esc(d["model"])}</b> · {esc(mode)} · {esc(d["device"])} {esc(d["dtype"])} · '
-            f'{d["trainable_parameters"]:,} trainable parameters</div><div>policy v{d["version"]} (run {d["run"]}) · '
-            f'{d["rankings"]} rankings this session · {d["unsaved_updates"]} update(s) not in a checkpoint</div></div>')
+            f'{d["trainable_parameters"]:,} trainable parameters</div><div>policy v{d["version"]} (run {d["run"]}){count}</div>'
+            f'{where}</div>')
