@@ -23,6 +23,11 @@ RUN python3 -m venv .venv \
 
 COPY --chown=app:app . .
 
+# Rankings, traces and checkpoints live in data/ (SQLite): keep it on a volume so they
+# outlive the container, e.g. docker run -v rlhf-data:/home/app/app/data ...
+RUN mkdir -p data
+VOLUME ["/home/app/app/data"]
+
 # Listen on all interfaces inside the container; Spaces-style PORT is honoured by app.py.
 ENV GRADIO_SERVER_NAME=0.0.0.0 \
     PORT=7860 \

@@ -39,5 +39,10 @@ run: install
 test: install-dev browser
 	$(PY) -m pytest -q
 
+# Benchmarks against TRL and plain generate; rewrites README's performance table (needs a quiet machine).
+bench: install
+	$(PIP) install -q -r bench/requirements.txt
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV)
