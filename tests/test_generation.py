@@ -104,3 +104,19 @@ def test_shared_prompt_logps_and_gradients_match_full_forward(tiny_lm, case):
         tiny_lm.model.zero_grad(set_to_none=True)
     assert torch.allclose(values[0], values[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+def test_chunked_lm_head_matches_unchunked_values_and_gradients(tiny_lm):
+    from rlhf_core.logprobs import chunked_head_logps
+
+    head = tiny_lm.model.get_output_embeddings()
+    hidden = torch.randn(3, 10, head.in_features, requires_grad=True)
+    targets = torch.randint(0, head.out_features, (3, 10))
+    results = []
+    for chunk in (3, 100):
+        out = chunked_head_logps(head, hidden, targets, chunk=chunk)
+        (out * torch.arange(10.0)).sum().backward()
+        results.append((out.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+        hidden.grad, head.weight.grad = None, None
+    (a, ga, wa), (b, gb, wb) = results
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and torch.allclose(wa, wb, atol=1e-6)

@@ -77,8 +77,9 @@ def test_one_batched_pass_per_step_plus_one_for_kl_and_no_reference(tiny_lm, tra
     def policy_hook(module, args, kwargs):
         rows["policy"].append(tuple(kwargs["input_ids"].shape))
 
-    h1 = tiny_lm.model.register_forward_pre_hook(policy_hook, with_kwargs=True)
-    h2 = tiny_lm._reference.register_forward_pre_hook(lambda *a: rows.__setitem__("reference", rows["reference"] + 1))
+    # the passes run the decoder (the LM head is applied to its hidden states in chunks)
+    h1 = tiny_lm.model.get_decoder().register_forward_pre_hook(policy_hook, with_kwargs=True)
+    h2 = tiny_lm._reference.get_decoder().register_forward_pre_hook(lambda *a: rows.__setitem__("reference", rows["reference"] + 1))
     try:
         trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=3))
     finally:
