@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: timing, memory, the benchmark case."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -49,3 +50,10 @@ def peak_rss_gb() -> float:
 
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def save_json(data, path: str | None) -> None:
+    """Write benchmark results to ``path`` (when given) as indented JSON."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(data, fh, indent=2)

@@ -16,7 +16,7 @@ from rlhf_core.generation import SamplingConfig, sample_stream
 from rlhf_core.models import load_model
 from rlhf_core.prompts import build_messages, encode_prompt
 
-from .common import BENCH_CASE, machine, median, timed
+from .common import BENCH_CASE, machine, median, save_json, timed
 
 
 def main(argv=None) -> dict:
@@ -55,9 +55,7 @@ def main(argv=None) -> dict:
     }
     result["speedup"] = result["ours_tok_s"] / result["hf_generate_tok_s"]
     print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(result, fh, indent=2)
+    save_json(result, args.json_out)
     return result
 
 

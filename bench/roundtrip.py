@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import save_json
+
 
 def _vm(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -81,9 +83,7 @@ def main(argv=None) -> list[dict]:
         ).stdout.strip().splitlines()[-1]
         results.append(json.loads(out))
         print(json.dumps(results[-1], indent=2), flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(results, fh, indent=2)
+    save_json(results, args.json_out)
     return results
 
 

@@ -27,7 +27,7 @@ from rlhf_core.models import load_model
 from rlhf_core.prompts import build_messages
 from rlhf_core.update import DPOConfig, PolicyTrainer
 
-from .common import BENCH_CASE, machine, median
+from .common import BENCH_CASE, machine, median, save_json
 
 
 def make_pairs(lm, k: int, tokens: int, seed: int):
@@ -146,9 +146,7 @@ def main(argv=None) -> list[dict]:
         }
         results.append(row)
         print(json.dumps(row, indent=2), flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(results, fh, indent=2)
+    save_json(results, args.json_out)
     return results
 
 

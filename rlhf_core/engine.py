@@ -494,7 +494,7 @@ class Engine:
     def switch_workspace(self, name: str) -> dict:
         """Make ``name`` the active workspace: the current one is checkpointed if it
         has un-saved updates, then ``name``'s latest checkpoint is loaded."""
-        store = self._require_store()
+        self._require_store()
         with self.lock:
             if name == self.workspace:
                 return {**self.resume_info, "workspace": name, "version": self.version}
