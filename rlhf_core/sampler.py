@@ -27,9 +27,12 @@ class RejectionConfig:
     """How hard to look for verified traces."""
 
     k: int = 4  # accepted, distinct traces wanted
-    budget: int = 12  # most un-hinted samples to draw for one case
+    # Measured on SmolLM2-135M (7 library cases, 8 samples each, 160 tokens): 0/56
+    # un-hinted and 12/56 hinted samples passed the verifier, so the defaults spend
+    # less on free samples and more on rationalisation, to reach K rankable traces.
+    budget: int = 8  # most un-hinted samples to draw for one case
     rationalise: bool = True  # fill a shortfall with hinted (rationalised) traces
-    rationalise_budget: int = 8  # most hinted samples to draw
+    rationalise_budget: int = 16  # most hinted samples to draw
 
     def __post_init__(self) -> None:
         if not 2 <= self.k <= 16:

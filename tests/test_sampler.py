@@ -73,7 +73,7 @@ def test_stream_reports_progress_over_the_whole_run(case):
     events = list(sample_verified_stream(gen, case, SamplingConfig(k=2), RejectionConfig(k=2, budget=6)))
     assert events[-1].phase == "done"
     assert [e.samples_done for e in events] == sorted(e.samples_done for e in events)
-    assert events[-1].samples_planned == 6 + 8
+    assert events[-1].samples_planned == 6 + RejectionConfig().rationalise_budget
     assert any(e.partial_texts and e.samples_done == 0 for e in events)
 
 

@@ -38,7 +38,7 @@ def api_cases(room, specialty: str = "") -> list[dict]:
 
 
 def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = 192, temperature: float = 0.8,
-                 budget: int = 12, rationalise: bool = True) -> dict:
+                 budget: int = RejectionConfig().budget, rationalise: bool = True) -> dict:
     if case_id not in room.cases:
         raise gr.Error(f"unknown case {case_id!r}; see /cases")
     try:
@@ -102,7 +102,7 @@ def build_api(room) -> None:
         return api_cases(room, specialty)
 
     def generate(case_id: str, k: int = 4, max_new_tokens: int = 192, temperature: float = 0.8,
-                 budget: int = 12, rationalise: bool = True) -> dict:
+                 budget: int = RejectionConfig().budget, rationalise: bool = True) -> dict:
         """Rejection-sample K verified traces for a case. Returns batch_id, the rankable traces
         (trace_id, text, verdict, safety, can_rank_first), the rejected ones and the sampling report."""
         return api_generate(room, case_id, k, max_new_tokens, temperature, budget, rationalise)
