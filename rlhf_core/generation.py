@@ -162,6 +162,37 @@ def score_completions(lm: LoadedModel, prompt_ids: list[int], completions: list[
     return _rows(old, completions), reference_logps(lm, prompt_ids, completions)
 
 
+def build_traces(
+    lm: LoadedModel,
+    case: Case,
+    prompt_ids: list[int],
+    rows: list[list[int]],
+    old_logps: list[list[float]],
+    ref_logps: list[list[float]],
+    policy_version: int,
+    rationalised: bool,
+    config: SamplingConfig,
+    eos_ids: list[int],
+) -> list[Trace]:
+    """Trace records for completions of one prompt, with their per-token log-probs."""
+    sampling = asdict(config)
+    return [
+        Trace(
+            case_id=case.id,
+            prompt_ids=list(prompt_ids),
+            completion_ids=row,
+            text=lm.tokenizer.decode(row, skip_special_tokens=True),
+            finish_reason="eos" if row and row[-1] in eos_ids else "length",
+            old_logps=old_logps[i],
+            ref_logps=ref_logps[i],
+            policy_version=policy_version,
+            rationalised=rationalised,
+            sampling=sampling,
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
 def sample_stream(
     lm: LoadedModel,
     case: Case,
@@ -241,22 +272,7 @@ def sample_stream(
     finally:
         model.train(was_training)
 
-    sampling = asdict(config)
-    traces = [
-        Trace(
-            case_id=case.id,
-            prompt_ids=list(train_prompt),
-            completion_ids=row,
-            text=tok.decode(row, skip_special_tokens=True),
-            finish_reason="eos" if row and row[-1] in eos.tolist() else "length",
-            old_logps=old_logps[i],
-            ref_logps=ref_logps[i],
-            policy_version=policy_version,
-            rationalised=bool(hint),
-            sampling=sampling,
-        )
-        for i, row in enumerate(rows)
-    ]
+    traces = build_traces(lm, case, train_prompt, rows, old_logps, ref_logps, policy_version, bool(hint), config, eos.tolist())
     yield GenerationUpdate(
         [t.text for t in traces],
         [True] * k,

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict
 from typing import Callable, Iterator
 
 from rlhf_core.cases import Case
-from rlhf_core.generation import GenerationUpdate, SamplingConfig, Trace, eos_token_ids, score_completions
+from rlhf_core.generation import GenerationUpdate, SamplingConfig, build_traces, eos_token_ids, score_completions
 from rlhf_core.prompts import build_messages, encode_prompt
 
 GenerateFn = Callable[[object, Case, SamplingConfig, "str | None"], Iterator[GenerationUpdate]]
@@ -80,19 +79,5 @@ class ScriptedBackend:
         eos = eos_token_ids(lm)[:1]
         rows = [list(tok.encode(t, add_special_tokens=False)) + eos for t in texts]
         old, ref = score_completions(lm, prompt, rows)
-        traces = [
-            Trace(
-                case_id=case.id,
-                prompt_ids=list(prompt),
-                completion_ids=row,
-                text=tok.decode(row, skip_special_tokens=True),
-                finish_reason="eos",
-                old_logps=old[i],
-                ref_logps=ref[i],
-                policy_version=engine.version,
-                rationalised=bool(hint),
-                sampling=asdict(config),
-            )
-            for i, row in enumerate(rows)
-        ]
+        traces = build_traces(lm, case, prompt, rows, old, ref, engine.version, bool(hint), config, eos)
         yield GenerationUpdate([t.text for t in traces], [True] * len(traces), self.chunks, traces=traces)
