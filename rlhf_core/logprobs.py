@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -102,7 +105,79 @@ def chunked_head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return torch.cat(pieces, dim=1)
 
 
-def completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool = True) -> torch.Tensor:
+class _SegmentKV:
+    """The key/value cache one decoder layer sees inside a checkpointed segment.
+
+    Attention calls ``update(k, v, layer_idx)`` and attends to what it returns.
+    Unlike the model's own cache this object is rebuilt on every run of the
+    segment, so the recomputation in backward appends to the same prompt
+    keys/values as the forward did instead of to the forward's result.
+    """
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.keys is not None:
+            key_states = torch.cat([self.keys, key_states], dim=-2)
+            value_states = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+@contextlib.contextmanager
+def checkpointed_layers(decoder: torch.nn.Module) -> Iterator[None]:
+    """Activation checkpointing per decoder layer that keeps the shared-prompt cache.
+
+    Inside the block each layer keeps only its input hidden states for backward
+    and recomputes its activations there (one extra forward in all), instead of
+    keeping attention and MLP intermediates of every layer: on SmolLM2 with
+    K=4 x 120 tokens that is ~1 GB less at the peak of an update. Hugging Face's
+    own gradient checkpointing turns the KV cache off, which the shared-prompt
+    forward needs. In the prompt pass a layer returns its keys/values, which
+    are stored in the model's cache as usual; in the completion pass it reads
+    the prompt's (repeated) keys/values from that cache.
+    """
+    layers = list(getattr(decoder, "layers", []))
+    for layer in layers:
+        layer.forward = _checkpointed_forward(layer, layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute; the class's forward is back
+
+
+def _checkpointed_forward(layer: torch.nn.Module, forward):
+    index = layer.self_attn.layer_idx if hasattr(layer, "self_attn") else None
+
+    def run(hidden_states, *args, past_key_values=None, **kwargs):
+        if past_key_values is None or index is None:
+            return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
+        held = past_key_values.layers[index] if index < len(past_key_values.layers) else None
+        if held is not None and held.is_initialized and held.keys.numel() > 0:
+            prompt_keys, prompt_values = held.keys, held.values
+
+            def completion_segment(h, pk, pv):
+                return forward(h, *args, past_key_values=_SegmentKV(pk, pv), **kwargs)
+
+            return checkpoint(completion_segment, hidden_states, prompt_keys, prompt_values, use_reentrant=False)
+
+        def prompt_segment(h):
+            kv = _SegmentKV(None, None)
+            out = forward(h, *args, past_key_values=kv, **kwargs)
+            return out, kv.keys, kv.values
+
+        out, keys, values = checkpoint(prompt_segment, hidden_states, use_reentrant=False)
+        past_key_values.update(keys, values, index)
+        return out
+
+    return run
+
+
+def completion_logps(
+    model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool = True, checkpoint_layers: bool = False
+) -> torch.Tensor:
     """Per-token log-probs of each completion token given prompt and preceding tokens.
 
     With ``share_prompt`` the prompt, identical for all K rows, is forwarded
@@ -112,7 +187,9 @@ def completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_promp
     the K full sequences (the reference path, and the fallback for models
     whose cache cannot be repeated or whose head is not a plain linear map).
     Padding is on the right only, so causal attention never lets a real token
-    see a pad and no attention mask is needed.
+    see a pad and no attention mask is needed. ``checkpoint_layers`` (under
+    grad, shared-prompt path) recomputes each decoder layer in backward
+    instead of keeping its activations (see ``checkpointed_layers``).
 
     Returns:
         [K, T] float32 log-probs, 0 at padding positions. Differentiable when
@@ -123,15 +200,18 @@ def completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_promp
     parts = _decoder_and_head(model) if share_prompt and k > 1 else None
     if parts is not None:
         decoder, head = parts
-        prompt_out = decoder(input_ids=batch.input_ids[:1, :p], use_cache=True)
-        cache = prompt_out.past_key_values
-        if hasattr(cache, "batch_repeat_interleave"):
-            cache.batch_repeat_interleave(k)
-            hidden = prompt_out.last_hidden_state[:, -1:, :].expand(k, 1, -1)
-            if t > 1:
-                rest = decoder(input_ids=batch.completion_ids[:, :-1], past_key_values=cache, use_cache=True)
-                hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)
-            return chunked_head_logps(head, hidden, batch.completion_ids) * batch.completion_mask
+        recompute = checkpoint_layers and torch.is_grad_enabled()
+        layer_checkpointing = checkpointed_layers(decoder) if recompute else contextlib.nullcontext()
+        with layer_checkpointing:
+            prompt_out = decoder(input_ids=batch.input_ids[:1, :p], use_cache=True)
+            cache = prompt_out.past_key_values
+            if hasattr(cache, "batch_repeat_interleave"):
+                cache.batch_repeat_interleave(k)
+                hidden = prompt_out.last_hidden_state[:, -1:, :].expand(k, 1, -1)
+                if t > 1:
+                    rest = decoder(input_ids=batch.completion_ids[:, :-1], past_key_values=cache, use_cache=True)
+                    hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)
+                return chunked_head_logps(head, hidden, batch.completion_ids) * batch.completion_mask
     out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=t + 1)
     logits = out.logits[:, -(t + 1) : -1, :]
     return token_logps_from_logits(logits, batch.completion_ids) * batch.completion_mask

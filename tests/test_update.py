@@ -38,7 +38,8 @@ def test_repeated_dpo_updates_raise_margin_and_lower_loss(tiny_lm, traces):
     trainer = PolicyTrainer(tiny_lm)
     ref_before = [list(t.ref_logps) for t in traces]
     params_before = snapshot(tiny_lm.model)
-    reference_before = snapshot(tiny_lm._reference)
+    with tiny_lm.reference() as ref:
+        reference_before = snapshot(ref)
     history = [trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=2, lr=1e-3)) for _ in range(4)]
     margins = [h["rewards/margins"] for h in history]
     losses = [h["loss"] for h in history]
@@ -49,7 +50,8 @@ def test_repeated_dpo_updates_raise_margin_and_lower_loss(tiny_lm, traces):
     assert history[-1]["kl"] > history[0]["kl"] > 0
     # parameters changed, the reference did not, stored reference log-probs did not
     assert any(not torch.equal(params_before[n], p) for n, p in tiny_lm.model.named_parameters())
-    assert all(torch.equal(reference_before[n], p) for n, p in tiny_lm._reference.named_parameters())
+    with tiny_lm.reference() as ref:
+        assert all(torch.equal(reference_before[n], p) for n, p in ref.named_parameters())
     assert [t.ref_logps for t in traces] == ref_before
     with torch.no_grad(), tiny_lm.reference() as ref:
         from rlhf_core.logprobs import collate, completion_logps
@@ -159,3 +161,38 @@ def test_config_validation():
         make_config("ppo")
     with pytest.raises(ValueError, match="learning rate"):
         DPOConfig(lr=-1.0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_layer_checkpointing_recomputes_each_layer_and_changes_no_number(lora, case):
+    """Checkpointed and plain updates must give bit-identical losses and weights;
+    the checkpointed one must really run every decoder layer again in backward."""
+    from rlhf_core.models import load_model
+
+    results = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)  # peft draws the LoRA A matrices from the global generator
+        lm = load_model("tiny-random", device="cpu", lora=lora)
+        traces = sample_traces(lm, case, SamplingConfig(k=4, max_new_tokens=16, seed=21, temperature=1.5))
+        layer_calls = []
+        decoder = lm.model.get_decoder() if not lora else lm.model.get_base_model().get_decoder()
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *a: layer_calls.append(1)) for layer in decoder.layers]
+        steps = []
+        try:
+            PolicyTrainer(lm).update(
+                traces, [0, 1, 2, 3], DPOConfig(steps=2, lr=1e-3, checkpoint_activations=checkpointed), on_step=steps.append
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        trained = {n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad}
+        results[checkpointed] = (steps, trained, len(layer_calls))
+    (plain_steps, plain_weights, plain_calls), (ck_steps, ck_weights, ck_calls) = results[False], results[True]
+    assert [s["loss"] for s in ck_steps] == [s["loss"] for s in plain_steps]
+    assert [s["grad_norm"] for s in ck_steps] == [s["grad_norm"] for s in plain_steps]
+    assert all(torch.equal(ck_weights[n], w) for n, w in plain_weights.items())
+    n_layers = len(decoder.layers)
+    # plain: 2 steps + the KL pass, each a prompt pass and a completion pass through every layer
+    assert plain_calls == 3 * 2 * n_layers
+    # checkpointed: the 2 training passes run every layer once more in backward
+    assert ck_calls == plain_calls + 2 * 2 * n_layers
