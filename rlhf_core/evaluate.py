@@ -138,7 +138,8 @@ def reference_view(lm: LoadedModel) -> Iterator[LoadedModel]:
         with lm.model.disable_adapter():
             yield lm
     else:
-        yield dataclasses.replace(lm, model=lm._reference)
+        with lm.reference() as reference:
+            yield dataclasses.replace(lm, model=reference)
 
 
 def _sample_arm(lm: LoadedModel, case: Case, samples: int, settings: dict, seed: int, batch_size: int) -> list[dict]:

@@ -295,7 +295,7 @@ def train(args: argparse.Namespace) -> dict:
     if len(ref) != len(data):  # pragma: no cover - a gather bug, not a user error
         raise RuntimeError(f"reference scores for {len(ref)} of {len(data)} pairs")
     if lm.lora is None:
-        lm._reference = None  # the frozen copy is not needed any more
+        lm._reference = lm._parked_reference = None  # the frozen copy is not needed any more
     ref_seconds = time.perf_counter() - started
 
     params = lm.trainable_parameters

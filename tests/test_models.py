@@ -37,14 +37,35 @@ def test_dtype_choice():
         pick_dtype(torch.device("cpu"), "float16x")
 
 
-def test_full_reference_is_a_frozen_copy_and_reset_restores_it():
-    lm = load_model("tiny-random", device="cpu")
-    assert lm._reference is not lm.model
-    assert not any(p.requires_grad for p in lm._reference.parameters())
+@pytest.mark.parametrize("park", [True, False])
+def test_full_reference_is_a_frozen_copy_and_reset_restores_it(park):
+    lm = load_model("tiny-random", device="cpu", park_reference=park)
+    initial = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     with torch.no_grad():
         next(lm.model.parameters()).add_(1.0)
+    with lm.reference() as ref:
+        assert ref is lm._reference and ref is not lm.model
+        assert not any(p.requires_grad for p in ref.parameters())
+        assert all(torch.equal(initial[n], p) for n, p in ref.named_parameters())
     lm.reset_to_reference()
-    assert all(torch.equal(p, q) for p, q in zip(lm.model.parameters(), lm._reference.parameters()))
+    assert all(torch.equal(initial[n], p) for n, p in lm.model.named_parameters())
+
+
+def test_parked_reference_holds_no_weights_between_uses_and_loads_once_when_nested():
+    lm = load_model("tiny-random", device="cpu")  # CPU parks by default
+    assert lm._parked_reference is not None and lm._parked_reference.path.stat().st_size > 0
+    numel = lambda m: sum(p.numel() for p in m.parameters())
+    assert numel(lm._reference) == 0
+    with lm.reference() as outer:
+        loaded = numel(outer)
+        assert loaded == numel(lm.model)
+        with lm.reference() as inner:
+            assert inner is outer and numel(inner) == loaded
+        assert numel(outer) == loaded  # the inner block did not park it under the outer one
+    assert numel(lm._reference) == 0
+    # a tied embedding / LM head pair stays one tensor after reloading
+    with lm.reference() as ref:
+        assert ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
 
 
 def test_lora_reference_is_the_same_module_with_adapter_disabled():
