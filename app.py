@@ -13,8 +13,15 @@ Environment:
     RLHF_CASES_DIR       case library folder (default the bundled ./cases)
     PORT / GRADIO_SERVER_PORT   port (default 7860; Spaces and Docker set PORT)
     GRADIO_SERVER_NAME   interface to bind (default 127.0.0.1; Docker sets 0.0.0.0)
+    RLHF_MALLOC          auto (default): restart once on jemalloc/tcmalloc when installed
+                         (less memory per update, see rlhf_core/allocator.py); system: keep glibc
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # first, before the heavy imports: the process may restart itself
+    from rlhf_core.allocator import use_preferred_allocator
+
+    use_preferred_allocator()
 
 import logging
 import os

@@ -7,6 +7,7 @@ import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,10 @@ def peak_rss_gb() -> float:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from rlhf_core.allocator import MARKER
+
+    malloc = Path(os.environ[MARKER]).name.split(".so")[0].removeprefix("lib") if os.environ.get(MARKER) else "glibc malloc"
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {malloc}"
 
 
 def save_json(data, path: str | None) -> None:

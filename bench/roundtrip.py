@@ -88,4 +88,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from rlhf_core.allocator import use_preferred_allocator
+
+    use_preferred_allocator()  # measure on the allocator the app runs on
     main()

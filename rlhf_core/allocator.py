@@ -1,0 +1,75 @@
+"""Run the process on jemalloc (or tcmalloc) when the system has one.
+
+A training step on CPU allocates thousands of 1-4 MB tensors with mixed
+lifetimes (~20 GB of allocations per update on SmolLM2). glibc's malloc
+fragments badly under that pattern: measured on a LoRA update, live tensors
+peaked 0.17 GB above the pre-update level but resident memory grew by 0.8 GB,
+and stayed there. With jemalloc or tcmalloc the same update grows resident
+memory by 0.29 GB, at the same speed. (Forcing glibc to mmap the tensors
+instead fixes the memory but costs ~50% more update time in page faults.)
+
+The allocator is fixed when a process starts, so ``use_preferred_allocator``
+re-executes the entry point once with ``LD_PRELOAD`` set. Linux only; nothing
+happens when no library is found. ``RLHF_MALLOC=system`` keeps glibc;
+``RLHF_MALLOC=/path/to/lib.so`` picks a library.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+SWITCH = "RLHF_MALLOC"  # "auto" (default) | "system" | path of an allocator library
+MARKER = "RLHF_MALLOC_PRELOADED"  # set in the re-executed process, so it never loops
+LIBRARIES = ("libjemalloc.so.2", "libtcmalloc_minimal.so.4")  # Debian: libjemalloc2, libtcmalloc-minimal4
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def find_allocator(setting: str = "auto", dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
+    """Path of the allocator library to preload, or None for glibc's malloc."""
+    if setting == "system":
+        return None
+    if setting not in ("", "auto"):
+        if not Path(setting).is_file():
+            raise ValueError(f"{SWITCH}={setting!r}: no such library (use 'auto', 'system' or a path to a .so file)")
+        return setting
+    for directory in dirs:
+        for name in LIBRARIES:
+            path = Path(directory) / name
+            if path.is_file():
+                return str(path)
+    return None
+
+
+def preload_environment(env: Mapping[str, str], dirs: tuple[str, ...] = LIBRARY_DIRS) -> dict[str, str] | None:
+    """The environment to re-execute with, or None when the process should go on as it is."""
+    if env.get(MARKER) or not sys.platform.startswith("linux"):
+        return None
+    library = find_allocator(env.get(SWITCH, "auto"), dirs)
+    preloaded = env.get("LD_PRELOAD", "")
+    if library is None or any(Path(p).name == Path(library).name for p in preloaded.split()):
+        return None
+    new = dict(env)
+    new["LD_PRELOAD"] = f"{library} {preloaded}".strip()
+    new[MARKER] = library
+    return new
+
+
+def use_preferred_allocator() -> None:
+    """Re-execute this process (same interpreter and arguments) with the allocator
+    preloaded; returns without doing anything when that is not needed or possible."""
+    try:
+        env = preload_environment(os.environ)
+    except ValueError as err:
+        log.warning("%s; keeping the system allocator", err)
+        return
+    if env is None:
+        return
+    log.info("restarting on %s (set %s=system to keep glibc malloc)", env[MARKER], SWITCH)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
