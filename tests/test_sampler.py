@@ -1,3 +1,5 @@
+import pytest
+
 from rlhf_core.generation import GenerationUpdate, SamplingConfig, Trace, sample_stream
 from rlhf_core.sampler import RejectionConfig, sample_verified, sample_verified_stream
 
@@ -27,7 +29,7 @@ class ScriptedGenerator:
 
 def test_stops_as_soon_as_k_distinct_accepted(case):
     gen = ScriptedGenerator([[RIGHT, WRONG, RIGHT_2, NONE], [RIGHT_3, WRONG, WRONG, WRONG]])
-    result = sample_verified(gen, case, SamplingConfig(k=4, seed=10), RejectionConfig(k=3, budget=12))
+    result = sample_verified(gen, case, SamplingConfig(k=4, seed=10), RejectionConfig(batch=1, k=3, budget=12))
     assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2, RIGHT_3]
     r = result.report
     assert (r.sampled, r.accepted, r.rejected) == (8, 3, 5)
@@ -41,7 +43,7 @@ def test_stops_as_soon_as_k_distinct_accepted(case):
 
 def test_duplicates_are_rejected_with_their_own_reason(case):
     gen = ScriptedGenerator([[RIGHT, RIGHT, RIGHT.upper().replace("\n", "  \n "), RIGHT_2]])
-    result = sample_verified(gen, case, SamplingConfig(k=4), RejectionConfig(k=2, budget=4, rationalise=False))
+    result = sample_verified(gen, case, SamplingConfig(k=4), RejectionConfig(batch=1, k=2, budget=4, rationalise=False))
     assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2]
     assert result.report.rejected_by_reason["duplicate"] == 2
     assert result.report.sampled == result.report.accepted + result.report.rejected
@@ -49,7 +51,7 @@ def test_duplicates_are_rejected_with_their_own_reason(case):
 
 def test_budget_spent_fills_up_with_labelled_rationalised_traces(case):
     gen = ScriptedGenerator([[WRONG, NONE], [RIGHT, WRONG]], hinted_batches=[[RIGHT_2, WRONG], [RIGHT_3, RIGHT]])
-    result = sample_verified(gen, case, SamplingConfig(k=2), RejectionConfig(k=3, budget=4, rationalise_budget=4))
+    result = sample_verified(gen, case, SamplingConfig(k=2), RejectionConfig(batch=1, k=3, budget=4, rationalise_budget=4))
     assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2, RIGHT_3]
     assert [t.rationalised for t in result.accepted] == [False, True, True]
     r = result.report
@@ -63,14 +65,14 @@ def test_budget_spent_fills_up_with_labelled_rationalised_traces(case):
 
 def test_no_rationalising_when_disabled_and_budget_respected(case):
     gen = ScriptedGenerator([[WRONG, WRONG, WRONG], [NONE, NONE, NONE]])
-    result = sample_verified(gen, case, SamplingConfig(k=3), RejectionConfig(k=2, budget=5, rationalise=False))
+    result = sample_verified(gen, case, SamplingConfig(k=3), RejectionConfig(batch=1, k=2, budget=5, rationalise=False))
     assert result.accepted == [] and result.report.sampled == 5
     assert [k for k, _, _ in gen.calls] == [3, 2]
 
 
 def test_stream_reports_progress_over_the_whole_run(case):
     gen = ScriptedGenerator([[WRONG, NONE], [RIGHT, RIGHT_2]])
-    events = list(sample_verified_stream(gen, case, SamplingConfig(k=2), RejectionConfig(k=2, budget=6)))
+    events = list(sample_verified_stream(gen, case, SamplingConfig(k=2), RejectionConfig(batch=1, k=2, budget=6)))
     assert events[-1].phase == "done"
     assert [e.samples_done for e in events] == sorted(e.samples_done for e in events)
     assert events[-1].samples_planned == 6 + RejectionConfig().rationalise_budget
@@ -81,9 +83,20 @@ def test_real_tiny_model_accounting(tiny_lm, case):
     def generate(c, config, hint):
         return sample_stream(tiny_lm, c, config, 0, hint=hint)
 
-    result = sample_verified(generate, case, SamplingConfig(k=2, max_new_tokens=8, seed=0), RejectionConfig(k=2, budget=4, rationalise_budget=2))
+    result = sample_verified(generate, case, SamplingConfig(k=2, max_new_tokens=8, seed=0), RejectionConfig(batch=1, k=2, budget=4, rationalise_budget=2))
     r = result.report
     assert r.sampled == 4 and r.rationalised_sampled == 2
     assert r.sampled == r.accepted + r.rejected
     assert sum(r.rejected_by_reason.values()) == r.rejected
     assert len(result.all_traces) == 6
+
+
+def test_samples_are_decoded_in_batches_of_max_k_batch_within_the_budget(case):
+    gen = ScriptedGenerator([[WRONG] * 8, [NONE] * 8], hinted_batches=[[RIGHT, RIGHT_2, RIGHT_3, WRONG] * 2])
+    result = sample_verified(gen, case, SamplingConfig(k=4, seed=5), RejectionConfig(k=3, budget=11, rationalise_budget=8, batch=8))
+    # free samples: one batch of 8, then the 3 left of the budget; hinted: one batch of 8
+    assert gen.calls == [(8, None, 5), (3, None, 6), (8, case.answer, 7)]
+    assert result.report.sampled == 11 and result.report.rationalised_sampled == 8
+    assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2, RIGHT_3]
+    with pytest.raises(ValueError, match="batch must be between 1 and 64"):
+        RejectionConfig(batch=0)
