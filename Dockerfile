@@ -5,6 +5,7 @@
 # Options are environment variables (see README): -e RLHF_AUTH=alice:secret -e RLHF_LORA=1 ...
 FROM python:3.11-slim-bookworm
 
+# make runs the install; libjemalloc2: app.py restarts itself on jemalloc (lower memory per update)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make libjemalloc2 \
  && rm -rf /var/lib/apt/lists/* \

@@ -40,9 +40,14 @@ def table(gen: dict, upd: list[dict], rt: list[dict]) -> str:
             f"(TRL `DPOTrainer` step) | {u['speedup']:.1f}x | first-step loss {u['loss_ours']:.4f} vs "
             f"{u['loss_trl']:.4f}, logps/chosen {'equal' if same else 'DIFFER'} |"
         )
+        rows.append(
+            f"| same, activation checkpointing on | {u['ours_checkpointed_update_s']:.2f} s | {u['trl_step_s']:.2f} s "
+            f"| {u['speedup_checkpointed']:.1f}x | bit-identical to the run above (tested) |"
+        )
     for r in rt:
         rows.append(
-            f"| round trip (ranking submitted -> metrics), {r['mode']}, {r['steps']} steps | {r['roundtrip_s']:.2f} s "
+            f"| round trip (ranking submitted -> metrics), {r['mode']}, {r['steps']} steps, "
+            f"checkpointing {'on' if r.get('checkpointed') else 'off'} | {r['roundtrip_s']:.2f} s "
             f"| target < 10 s | | peak RSS during the update {r['peak_rss_gb']:.2f} GiB |"
         )
     return "\n".join(rows)

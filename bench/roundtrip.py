@@ -2,7 +2,7 @@
 the UI (one default DPO update on K=4 traces), and the peak resident memory of
 the process during that update, for full fine-tuning and for LoRA.
 
-    python -m bench.roundtrip [--model smollm2-135m] [--mode full|lora|both] [--repeats 3]
+    python -m bench.roundtrip [--model smollm2-135m] [--mode full|lora|both] [--checkpoint on|off|both] [--repeats 3]
 
 Each mode runs in its own subprocess so one mode's memory does not count
 against the other. Peak memory is the process's high-water mark (VmHWM) reset
@@ -35,7 +35,7 @@ def _reset_peak() -> None:
         pass
 
 
-def measure(model: str, mode: str, repeats: int, tokens: int) -> dict:
+def measure(model: str, mode: str, repeats: int, tokens: int, checkpointed: bool) -> dict:
     from rlhf_core.engine import Engine
     from rlhf_core.generation import SamplingConfig, sample_traces
     from rlhf_core.update import DPOConfig
@@ -52,11 +52,11 @@ def measure(model: str, mode: str, repeats: int, tokens: int) -> dict:
         baseline.append(_vm("VmRSS"))
         _reset_peak()
         start = time.perf_counter()
-        metrics = engine.update(traces, [0, 1, 2, 3], DPOConfig())
+        metrics = engine.update(traces, [0, 1, 2, 3], DPOConfig(checkpoint_activations=checkpointed))
         times.append(time.perf_counter() - start)
         peaks.append(_vm("VmHWM"))
     return {
-        "benchmark": "roundtrip", "mode": mode, "model": model, "machine": machine(),
+        "benchmark": "roundtrip", "mode": mode, "checkpointed": checkpointed, "model": model, "machine": machine(),
         "completion_tokens": [len(t.completion_ids) for t in traces], "steps": metrics["steps"],
         "roundtrip_s": median(times), "peak_rss_gb": max(peaks), "rss_before_update_gb": median(baseline),
     }
@@ -68,21 +68,24 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--mode", choices=["full", "lora", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=120)
+    parser.add_argument("--checkpoint", choices=["on", "off", "both"], default="both",
+                        help="activation checkpointing in the update (default: measure both)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.model, args.mode, args.repeats, args.tokens)))
+        print(json.dumps(measure(args.model, args.mode, args.repeats, args.tokens, args.checkpoint == "on")))
         return []
     results = []
     for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.roundtrip", "--child", "--model", args.model, "--mode", mode,
-             "--repeats", str(args.repeats), "--tokens", str(args.tokens)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip().splitlines()[-1]
-        results.append(json.loads(out))
-        print(json.dumps(results[-1], indent=2), flush=True)
+        for ck in (["off", "on"] if args.checkpoint == "both" else [args.checkpoint]):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.roundtrip", "--child", "--model", args.model, "--mode", mode,
+                 "--repeats", str(args.repeats), "--tokens", str(args.tokens), "--checkpoint", ck],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip().splitlines()[-1]
+            results.append(json.loads(out))
+            print(json.dumps(results[-1], indent=2), flush=True)
     save_json(results, args.json_out)
     return results
 

@@ -53,7 +53,7 @@ def ours_traces(lm, prompt_ids, completions):
     ]
 
 
-def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int, lr: float):
+def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int, lr: float, checkpointed: bool):
     lm = load_model(model_name, device="cpu", dtype="float32", lora=lora)
     traces = ours_traces(lm, prompt_ids, completions)
     ranking = list(range(len(traces)))
@@ -62,7 +62,7 @@ def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int,
         lm.reset_to_reference()
         trainer = PolicyTrainer(lm)
         start = time.perf_counter()
-        metrics = trainer.update(traces, ranking, DPOConfig(steps=1, lr=lr))
+        metrics = trainer.update(traces, ranking, DPOConfig(steps=1, lr=lr, checkpoint_activations=checkpointed))
         times.append(time.perf_counter() - start)
         first = first or metrics
     return times[1:], first
@@ -91,7 +91,8 @@ def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: f
 
     times, logs = [], None
     for _ in range(repeats + 1):
-        lm = load_model(model_name, device="cpu", dtype="float32")
+        # TRL gets what it expects: a separate, resident reference model
+        lm = load_model(model_name, device="cpu", dtype="float32", park_reference=False)
         peft_config = None
         ref_model = lm._reference
         if lora:
@@ -133,7 +134,9 @@ def main(argv=None) -> list[dict]:
     for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
         lora = mode == "lora"
         lr = 5e-5 if lora else 5e-6
-        ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr)
+        # like TRL's default, no activation checkpointing; the checkpointed (low-memory) run is reported beside it
+        ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=False)
+        ours_ck_t, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)
         trl_t, trl_m = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr)
         row = {
             "benchmark": "update", "mode": mode, "model": args.model, "machine": machine(),
@@ -141,6 +144,7 @@ def main(argv=None) -> list[dict]:
             "completion_tokens": [len(c) for c in completions],
             "trl_step_s": median(trl_t), "ours_update_s": median(ours_t),
             "speedup": median(trl_t) / median(ours_t),
+            "ours_checkpointed_update_s": median(ours_ck_t), "speedup_checkpointed": median(trl_t) / median(ours_ck_t),
             "loss_ours": ours_m["loss"], "loss_trl": trl_m.get("loss"),
             "logps_chosen_ours": ours_m["logps/chosen"], "logps_chosen_trl": trl_m.get("logps/chosen"),
         }

@@ -196,3 +196,20 @@ def test_layer_checkpointing_recomputes_each_layer_and_changes_no_number(lora, c
     assert plain_calls == 3 * 2 * n_layers
     # checkpointed: the 2 training passes run every layer once more in backward
     assert ck_calls == plain_calls + 2 * 2 * n_layers
+
+
+def test_activation_checkpointing_defaults_to_on_only_when_cpu_memory_is_short(monkeypatch, tiny_lm, traces):
+    import rlhf_core.update as update
+
+    cpu = torch.device("cpu")
+    assert update.use_activation_checkpointing(DPOConfig(checkpoint_activations=True), cpu)
+    assert not update.use_activation_checkpointing(DPOConfig(checkpoint_activations=False), cpu)
+    monkeypatch.setattr(update, "available_memory_gib", lambda: 3.5)
+    assert update.use_activation_checkpointing(DPOConfig(), cpu)
+    assert not update.use_activation_checkpointing(DPOConfig(), torch.device("cuda"))
+    assert PolicyTrainer(tiny_lm).update(traces, [0, 1, 2, 3], DPOConfig(steps=1))["checkpointed"] is True
+    monkeypatch.setattr(update, "available_memory_gib", lambda: 64.0)
+    assert not update.use_activation_checkpointing(DPOConfig(), cpu)
+    assert PolicyTrainer(tiny_lm).update(traces, [0, 1, 2, 3], DPOConfig(steps=1))["checkpointed"] is False
+    monkeypatch.setattr(update, "available_memory_gib", lambda: None)  # unknown: do not slow updates down
+    assert not update.use_activation_checkpointing(DPOConfig(), cpu)
