@@ -4,8 +4,8 @@ the process during that update, for full fine-tuning and for LoRA.
 
     python -m bench.roundtrip [--model smollm2-135m] [--mode full|lora|both] [--checkpoint on|off|both] [--repeats 3]
 
-Each mode runs in its own subprocess so one mode's memory does not count
-against the other. Peak memory is the process's high-water mark (VmHWM) reset
+Each mode (and checkpointing setting) runs in its own subprocess so one
+run's memory does not count against another. Peak memory is the process's high-water mark (VmHWM) reset
 just before the update (Linux /proc/self/clear_refs), so it measures the
 update, not the one-off model load.
 """

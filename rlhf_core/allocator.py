@@ -5,8 +5,10 @@ lifetimes (~20 GB of allocations per update on SmolLM2). glibc's malloc
 fragments badly under that pattern: measured on a LoRA update, live tensors
 peaked 0.17 GB above the pre-update level but resident memory grew by 0.8 GB,
 and stayed there. With jemalloc or tcmalloc the same update grows resident
-memory by 0.29 GB, at the same speed. (Forcing glibc to mmap the tensors
-instead fixes the memory but costs ~50% more update time in page faults.)
+memory by 0.29 GB; an interleaved A/B put our update step ~5-8% slower on
+jemalloc (within this VM's noise), while TRL's step ran ~30% faster. (Forcing
+glibc to mmap the tensors instead fixes the memory but costs ~50% more update
+time in page faults.)
 
 The allocator is fixed when a process starts, so ``use_preferred_allocator``
 re-executes the entry point once with ``LD_PRELOAD`` set. Linux only; nothing

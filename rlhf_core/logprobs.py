@@ -7,9 +7,8 @@ distribution, not the tempered one used to draw samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
