@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from .cases import Case
+from .fastdecode import LlamaDecoder
 from .logprobs import collate, completion_logps, token_logps_from_logits
 from .models import LoadedModel
 from .prompts import build_messages, encode_prompt
@@ -31,6 +32,7 @@ class SamplingConfig:
     top_p: float = 0.95  # nucleus sampling mass
     seed: int | None = None  # same seed, same weights -> same traces
     stream_every: int = 4  # tokens between streamed text updates
+    lean_decode: bool = True  # Llama models on CPU: packed-weight float32 decoding step, same logits to ~1e-5 (fastdecode.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 64:
@@ -132,6 +134,37 @@ def _static_cache_from(model, prefill_cache, k: int, max_len: int):
         return None
 
 
+def _decoding(model, prompt_ids: list[int], k: int, config: SamplingConfig, device):
+    """Prefill the prompt for K rows. Returns (logits after the prompt [K, V],
+    advance): ``advance(tokens [K])`` feeds one token per row and returns the
+    next logits [K, V]."""
+    max_len = len(prompt_ids) + config.max_new_tokens
+    decoder = LlamaDecoder.build(model, k, max_len) if config.lean_decode else None
+    if decoder is not None:
+        return decoder.prefill(prompt_ids).expand(k, -1), decoder.step
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
+    cache = _static_cache_from(model, out.past_key_values, k, max_len)
+    if cache is None:  # fall back to the dynamic cache, shared by repeating it
+        cache = out.past_key_values
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+    position = len(prompt_ids)
+
+    def advance(tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        out = model(
+            input_ids=tokens[:, None],
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([position], device=device),
+            position_ids=torch.full((k, 1), position, device=device),
+        )
+        position += 1
+        return out.logits[:, -1, :]
+
+    return out.logits[:, -1, :].expand(k, -1), advance
+
+
 def eos_token_ids(lm: LoadedModel) -> list[int]:
     ids = set()
     for source in (getattr(lm.model, "generation_config", None), lm.tokenizer):
@@ -223,15 +256,7 @@ def sample_stream(
     model.train(False)
     try:
         with torch.no_grad():
-            prompt = torch.tensor([sample_prompt], device=lm.device)
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            position = len(sample_prompt)
-            cache = _static_cache_from(model, out.past_key_values, k, position + config.max_new_tokens)
-            if cache is None:  # fall back to the dynamic cache, shared by repeating it
-                cache = out.past_key_values
-                if k > 1:
-                    cache.batch_repeat_interleave(k)
-            logits = out.logits[:, -1, :].expand(k, -1)
+            logits, advance = _decoding(model, sample_prompt, k, config, lm.device)
             # log-probs of the sampled tokens under the sampling policy, at temperature 1
             sampled_logps: list[list[float]] = [[] for _ in range(k)]
             step = 0
@@ -239,8 +264,9 @@ def sample_stream(
                 next_tokens = sample_next(logits, config.temperature, config.top_p, generator)
                 next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
                 token_logps = token_logps_from_logits(logits[:, None, :], next_tokens[:, None])[:, 0]
+                done = finished.tolist()
                 for i, (token, logp) in enumerate(zip(next_tokens.tolist(), token_logps.tolist())):
-                    if not finished[i]:
+                    if not done[i]:
                         rows[i].append(token)
                         sampled_logps[i].append(logp)
                 finished |= torch.isin(next_tokens, eos)
@@ -253,15 +279,8 @@ def sample_stream(
                         step,
                         tokens_per_second=sum(map(len, rows)) / (time.perf_counter() - started),
                     )
-                out = model(
-                    input_ids=next_tokens[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    cache_position=torch.tensor([position], device=lm.device),
-                    position_ids=torch.full((k, 1), position, device=lm.device),
-                )
-                position += 1
-                logits = out.logits[:, -1, :]
+                logits = advance(next_tokens)
+            del advance  # frees the decoder's packed weights before the reference is loaded
         elapsed = time.perf_counter() - started
         if hint:
             # a hinted trace is trained as answering the plain prompt: its "old"

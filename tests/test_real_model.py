@@ -34,3 +34,11 @@ def test_default_model_samples_english_and_trains(smollm, case):
     assert metrics["rewards/margins"] > 0
     assert metrics["kl"] > 0 and metrics["version"] == 1
     assert math.isfinite(metrics["grad_norm"])
+
+    # after the update, the lean decoder (packed copies of the changed weights)
+    # and the model's own forward draw the same traces with the same log-probs
+    lean = sample_traces(lm, case, SamplingConfig(k=2, max_new_tokens=16, seed=4))
+    plain = sample_traces(lm, case, SamplingConfig(k=2, max_new_tokens=16, seed=4, lean_decode=False))
+    assert [t.completion_ids for t in lean] == [t.completion_ids for t in plain]
+    for a, b in zip(lean, plain):
+        assert torch.allclose(torch.tensor(a.old_logps), torch.tensor(b.old_logps), atol=1e-4)
