@@ -49,11 +49,24 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string: which
+    kernels a BLAS library picks, and so every CPU figure, depends on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     from rlhf_core.allocator import MARKER
 
     malloc = Path(os.environ[MARKER]).name.split(".so")[0].removeprefix("lib") if os.environ.get(MARKER) else "glibc malloc"
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {malloc}"
+    return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {malloc}")
 
 
 def save_json(data, path: str | None) -> None:

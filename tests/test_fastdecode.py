@@ -86,17 +86,26 @@ def test_decoder_declines_what_it_does_not_implement():
     assert LlamaDecoder.build(other, 2, 16) is None
 
 
-@pytest.mark.parametrize("mkl", [True, False])
-def test_packed_linear_is_a_plain_matmul_for_its_row_count(monkeypatch, mkl):
-    if mkl and not fastdecode._mkl_packing_available():
-        pytest.skip("this torch build has no MKL")
-    monkeypatch.setattr(fastdecode, "_mkl_packing_available", lambda: mkl)
+@pytest.mark.parametrize("backend", ["onednn", "mkl", "plain"])
+def test_packed_linear_is_a_plain_matmul_for_its_row_count(backend):
+    if backend not in fastdecode.packing_backends():
+        pytest.skip(f"this torch build has no {backend}")
     gen = torch.Generator().manual_seed(0)
     weight, x = torch.randn(96, 40, generator=gen), torch.randn(4, 40, generator=gen)
-    packed = PackedLinear(weight, rows=4)
+    packed = PackedLinear(weight, rows=4, backend=backend)
     assert torch.allclose(packed(x), x @ weight.T, atol=1e-5)
     with pytest.raises(ValueError, match="packed for 4 rows, got 3"):
         packed(x[:3])
+
+
+def test_packed_linear_prefers_onednn_and_rejects_a_missing_backend(monkeypatch):
+    assert fastdecode.packing_backends()[-1] == "plain"
+    weight = torch.randn(8, 6)
+    assert PackedLinear(weight, rows=2).backend == fastdecode.packing_backends()[0]
+    monkeypatch.setattr(fastdecode, "packing_backends", lambda: ["plain"])
+    with pytest.raises(ValueError, match="'onednn' is not available here"):
+        PackedLinear(weight, rows=2, backend="onednn")
+    assert PackedLinear(weight, rows=2).backend == "plain"
 
 
 def test_cache_overflow_and_long_prompt_are_clear_errors():
