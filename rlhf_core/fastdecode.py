@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_linear import onednn_linear
+
 SUPPORTED_MODEL_TYPES = {"llama"}
 
 
@@ -202,7 +204,7 @@ class LlamaDecoder:
         for every row. Returns the logits after the prompt, [V]."""
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit a cache of {self.max_len}")
-        with torch.no_grad():
+        with torch.no_grad(), onednn_linear(self.model):
             out = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
             cache_layers = out.past_key_values.layers
             for layer, keys, values in zip(cache_layers, self.keys, self.values):

@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .cpu_linear import onednn_linear
+
 # Model types whose LM head is a plain linear map of the decoder's final hidden
 # state (no logit soft-capping or scaling), so log-probs can be computed from
 # hidden states chunk by chunk; other models go through their own forward.
@@ -194,6 +196,14 @@ def completion_logps(
         [K, T] float32 log-probs, 0 at padding positions. Differentiable when
         called with grad enabled.
     """
+    # Without grad, float32 CPU matmuls go through oneDNN (cpu_linear.py). Under grad
+    # the caller decides, as backward (and any recomputation of checkpointed
+    # segments in it) must run under the same routing as the forward.
+    with onednn_linear(model, enabled=batch.input_ids.device.type == "cpu" and not torch.is_grad_enabled()):
+        return _completion_logps(model, batch, share_prompt, checkpoint_layers)
+
+
+def _completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool, checkpoint_layers: bool) -> torch.Tensor:
     k, t = batch.completion_ids.shape
     p = batch.prompt_len
     parts = _decoder_and_head(model) if share_prompt and k > 1 else None

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .generation import Trace
+from .cpu_linear import onednn_linear
 from .logprobs import collate, completion_logps
 from .losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean
 from .models import LoadedModel
@@ -232,36 +233,39 @@ class PolicyTrainer:
         lm.model.train(True)
         step_metrics: list[dict] = []
         applied = 0
-        try:
-            for step in range(config.steps):
-                logps = completion_logps(lm.model, batch, checkpoint_layers=recompute)
-                self.forward_passes += 1
-                if config.algorithm == "dpo":
-                    loss, metrics = self._dpo_step_loss(logps, ref_logps, mask, chosen, rejected, config)
-                else:
-                    loss, metrics = grpo_loss(
-                        logps, old_logps, ref_logps, advantages, mask,
-                        clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
-                        beta=config.beta, loss_type=config.loss_type,
-                    )
-                    metrics = {"clip_ratio": metrics["clip_ratio"], "reward": rewards.mean(), "reward_std": rewards.std()}
-                skipped = not bool(torch.isfinite(loss))
-                grad_norm = float("nan")
-                if not skipped:
-                    loss.backward()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-                    skipped = not math.isfinite(grad_norm)
+        # forward and backward (and the recomputation of checkpointed layers in it)
+        # run their float32 CPU matmuls through oneDNN (cpu_linear.py)
+        with onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
+            try:
+                for step in range(config.steps):
+                    logps = completion_logps(lm.model, batch, checkpoint_layers=recompute)
+                    self.forward_passes += 1
+                    if config.algorithm == "dpo":
+                        loss, metrics = self._dpo_step_loss(logps, ref_logps, mask, chosen, rejected, config)
+                    else:
+                        loss, metrics = grpo_loss(
+                            logps, old_logps, ref_logps, advantages, mask,
+                            clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
+                            beta=config.beta, loss_type=config.loss_type,
+                        )
+                        metrics = {"clip_ratio": metrics["clip_ratio"], "reward": rewards.mean(), "reward_std": rewards.std()}
+                    skipped = not bool(torch.isfinite(loss))
+                    grad_norm = float("nan")
                     if not skipped:
-                        optimizer.step()
-                        applied += 1
-                optimizer.zero_grad(set_to_none=True)
-                record = {k: float(v) for k, v in metrics.items()}
-                record.update(loss=float(loss.detach()), grad_norm=grad_norm, step=step, skipped=skipped)
-                step_metrics.append(record)
-                if on_step is not None:
-                    on_step(dict(record))
-        finally:
-            lm.model.train(False)
+                        loss.backward()
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                        skipped = not math.isfinite(grad_norm)
+                        if not skipped:
+                            optimizer.step()
+                            applied += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    record = {k: float(v) for k, v in metrics.items()}
+                    record.update(loss=float(loss.detach()), grad_norm=grad_norm, step=step, skipped=skipped)
+                    step_metrics.append(record)
+                    if on_step is not None:
+                        on_step(dict(record))
+            finally:
+                lm.model.train(False)
 
         if applied:
             self.version += 1

@@ -1,0 +1,98 @@
+"""Float32 linear layers on CPU through oneDNN instead of MKL.
+
+torch computes a float32 ``F.linear`` on CPU with MKL's SGEMM. On AMD CPUs MKL
+takes its AVX2 code paths, while oneDNN, which torch also ships, uses AVX-512
+wherever the CPU has it. Measured on the 2-core AMD EPYC VM at the shapes of a
+K=4 update on SmolLM2 (640 rows): MKL 145-200 GFLOPS, oneDNN 320-470. The
+arithmetic is the same float32 multiply-add in another order (results agree
+to ~1e-6 relative, tested), so losses and gradients are the model's own.
+
+``onednn_linear(model)`` routes the model's ``nn.Linear`` layers (peft's
+LoRA layers included: their base and adapter matrices are ``nn.Linear``)
+through oneDNN, forward and backward, for the duration of a block; inputs
+that are not float32 on CPU, or a torch without oneDNN, take ``F.linear``.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _linear_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T (+ bias) in oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N], as a linear layer whose weight is b.T (a view)."""
+    return _linear_pointwise(a, b.t(), None)
+
+
+class OneDnnLinear(torch.autograd.Function):
+    """``F.linear`` with oneDNN GEMMs in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear_pointwise(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])  # [M, out]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul(grad_rows, weight).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = _matmul(grad_rows.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(dim=0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _routable(x, weight, bias) -> bool:
+    tensors = [x, weight] + ([] if bias is None else [bias])
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided for t in tensors)
+        and x.dim() >= 2
+        and x.numel() > 0
+    )
+
+
+def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _routable(x, self.weight, self.bias):
+        return OneDnnLinear.apply(x, self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def onednn_linear(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Within the block, the model's float32 CPU ``nn.Linear`` layers compute
+    through oneDNN, forward and backward. Yields whether routing is on.
+
+    Backward must run inside the same block as its forward: recomputed
+    (checkpointed) segments must match what the forward saved. Nested blocks
+    on the same model leave the outer one in charge.
+    """
+    if not enabled or not onednn_available():
+        yield False
+        return
+    patched = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and "forward" not in vars(module):
+            module.forward = types.MethodType(_onednn_forward, module)
+            patched.append(module)
+    try:
+        yield True
+    finally:
+        for module in patched:
+            del module.forward
