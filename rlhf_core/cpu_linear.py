@@ -41,7 +41,8 @@ class OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        # a frozen weight (a LoRA base layer) needs no input kept for its gradient
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
         return _linear_pointwise(x, weight, bias)
 

@@ -239,6 +239,7 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate.utils import DistributedType, gather_object, set_seed
 
     from .checkpoint import load_into, read_manifest, save_checkpoint
+    from .cpu_linear import onednn_linear
     from .losses import dpo_loss
     from .models import DEFAULT_MODEL, LoraSettings, load_model
     from .update import PolicyTrainer, default_lr
@@ -317,7 +318,8 @@ def train(args: argparse.Namespace) -> dict:
         for epoch in range(args.epochs):
             for idx in loader:
                 idx = [int(i) for i in idx]
-                with accelerator.accumulate(model):
+                # forward and backward through oneDNN on CPU (cpu_linear.py), as in the online update
+                with accelerator.accumulate(model), onednn_linear(lm.model, enabled=accelerator.device.type == "cpu"):
                     batch = pair_batch([data[i] for i in idx], tok.pad_token_id, accelerator.device)
                     scores = sequence_scores(batch_logps(model, batch), batch["completion_mask"], args.loss_type)
                     b = len(idx)
