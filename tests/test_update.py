@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from rlhf_core import cpu_linear
 from rlhf_core.generation import SamplingConfig, sample_traces
 from rlhf_core.update import DPOConfig, GRPOConfig, PolicyTrainer, check_ranking, make_config, rank_rewards, ranking_pairs
 
@@ -94,6 +95,19 @@ def test_one_batched_pass_per_step_plus_one_for_kl_and_no_reference(tiny_lm, tra
     assert rows["policy"] == [(1, p), (k, t - 1)] * (3 + 1)
     assert rows["reference"] == 0
     assert trainer.forward_passes == 4
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
+def test_update_runs_every_linear_layer_through_onednn_and_restores_them(tiny_lm, traces, monkeypatch):
+    calls = []
+    real = cpu_linear._linear_pointwise
+    monkeypatch.setattr(cpu_linear, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in tiny_lm.model.modules())
+    PolicyTrainer(tiny_lm).update(traces, [0, 1, 2, 3], DPOConfig(steps=1))
+    # one step (forward of every layer for the prompt and the completions, and backward)
+    # plus the KL pass: oneDNN ran at least once per linear layer per pass
+    assert len(calls) >= 3 * n_linear
+    assert all("forward" not in vars(m) for m in tiny_lm.model.modules())
 
 
 def test_grpo_updates_move_probability_toward_higher_ranked(tiny_lm, traces):
