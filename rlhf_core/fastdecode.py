@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import onednn_linear
+from .cpu_linear import onednn_available, onednn_linear
 
 SUPPORTED_MODEL_TYPES = {"llama"}
 
@@ -106,7 +106,7 @@ class PackedLinear:
 def packing_backends() -> list[str]:
     """``PackedLinear`` backends this torch build offers, best first."""
     backends = []
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if onednn_available():
         backends.append("onednn")
     if getattr(torch._C, "has_mkl", False) and hasattr(torch.ops.mkl, "_mkl_linear"):
         backends.append("mkl")

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from .generation import Trace
 from .cpu_linear import onednn_linear
+from .generation import Trace
 from .logprobs import collate, completion_logps
 from .losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean
 from .models import LoadedModel
