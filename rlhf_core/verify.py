@@ -469,8 +469,26 @@ _SENTENCE_PATTERNS = [
     re.compile(
         r"\b(?:(?:the|our|my)\s+(?:(?:most\s+likely|likely|probable|final|correct|best|working|definitive|leading|unifying|overall)\s+)?"
         r"|(?:most\s+likely|likely|probable|final|correct|best|working|definitive|leading|unifying)\s+)"
-        r"(?<!differential )(?<!no )(?:diagnosis|answer)\s+(?:here\s+|in\s+this\s+(?:case|patient)\s+)?"
+        r"(?<!differential )(?<!no )(?:diagnosis|answer)\s+"
+        r"(?:here\s+|(?:in|for)\s+(?:this|the|our)\s+(?:[a-z-]+\s+){1,2}?|for\s+(?:him|her|them)\s+)?"
         r"(?:is|would\s+be|remains)\s*:?\s+(?=(?P<x>[^\n]*))",
+        re.I,
+    ),
+    # "the diagnosis that best explains these findings is X"
+    re.compile(
+        r"\bthe\s+diagnosis\s+that\s+best\s+(?:explains|fits|accounts\s+for)\s+[^.!?\n]{0,60}?\s+is\s+(?=(?P<x>[^\n]*))",
+        re.I,
+    ),
+    # "putting it together, this is X", "in summary, the patient has X"
+    re.compile(
+        r"\b(?:putting\s+it\s+(?:all\s+)?together|taken\s+together|in\s+summary|in\s+conclusion|overall|therefore|thus)\s*,?\s+"
+        r"(?:this\s+is|it\s+is|the\s+(?:patient|pt|man|woman|child|boy|girl|infant)\s+has)\s+"
+        r"(?:most\s+likely\s+|likely\s+|probably\s+)?(?=(?P<x>[^\n]*))",
+        re.I,
+    ),
+    # "these findings point to X as the diagnosis"
+    re.compile(
+        r"\bpoints?\s+to\s+(?=(?P<x>[^.!?\n]{1,120}?)\s+as\s+the\s+(?:most\s+likely\s+|likely\s+)?diagnosis\b)",
         re.I,
     ),
     re.compile(r"\bmost\s+consistent\s+with\s+(?=(?P<x>[^\n]*))", re.I),
@@ -951,6 +969,45 @@ _OPEN_TAIL_RE = re.compile(
 )
 
 
+# After a conclusion, sentences that take it back: "this is not X", "X is the least
+# likely diagnosis", "X can be ruled out", "I no longer think it is X".
+_PRONOUN_NEG_RE = re.compile(
+    r"\b(?:this|it|that|the\s+(?:diagnosis|answer|cause))\s+(?:is|was|would\s+be|seems|appears)\s+"
+    r"(?:not|unlikely\s+to\s+be)\b(?P<x>.*)$|\b(?:this|it|that)\s+(?:isn't|wasn't)\b(?P<y>.*)$",
+    re.I,
+)
+_SUBJECT_NEG_RE = re.compile(
+    r"^(?P<subj>.*?)\s+(?:is|was|remains|seems|appears)\s+(?:now\s+|therefore\s+|thus\s+|also\s+|actually\s+)?(?:the\s+)?"
+    r"(?:least\s+likely|less\s+likely|unlikely|not\s+likely|improbable|doubtful|not\s+the\s+(?:[a-z]+\s+)?(?:diagnosis|answer|cause))\b"
+    r"|^(?P<subj2>.*?)\s+(?:can|could|may|has|have|is|was)\s+(?:be\s+|been\s+)?(?:safely\s+|now\s+)?(?:ruled\s+out|excluded)\b",
+    re.I,
+)
+_DOUBT_RE = re.compile(r"\b(?:no\s+longer\s+(?:think|believe)|do\s+not\s+(?:think|believe)|don't\s+(?:think|believe)|doubt)\b", re.I)
+_LATER_LABEL_RE = re.compile(r"\bfinal\s+(?:diagnosis|answer)\s*(?:is|[:\-=])\s*(?P<x>[^\n]+)", re.I)
+_FILLER_TARGET_RE = re.compile(r"^(?:the\s+|a\s+|an\s+)?(?:(?:right|correct|final|likely|most\s+likely)\s+)?(?:diagnosis|answer|cause|case|it|one)?$", re.I)
+
+
+def _takes_back(tail: str, judge: "_Judge") -> str | None:
+    """The piece of ``tail`` that negates the concluded answer, or None."""
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+|\.{3}|\u2026", tail):
+        for piece in _split_pieces(_strip_markdown(sentence)):
+            piece = _trim(piece)
+            m = _PRONOUN_NEG_RE.search(piece)
+            if m:
+                target = _trim(m.group("x") if m.group("x") is not None else m.group("y") or "")
+                if _FILLER_TARGET_RE.match(target) or judge.accept.mentioned_in(target):
+                    return piece
+            m = _SUBJECT_NEG_RE.match(piece)
+            if m and judge.accept.mentioned_in(m.group("subj") or m.group("subj2") or ""):
+                return piece
+            if _DOUBT_RE.search(piece) and (judge.accept.mentioned_in(piece) or re.search(r"\b(?:it|this)\b", piece, re.I)):
+                return piece
+            _, negated = _negation_split(piece)
+            if any(n and judge.accept.mentioned_in(n) for n in negated):
+                return piece
+    return None
+
+
 def _label_rest(line: str) -> str | None:
     """The text after a Final diagnosis / Diagnosis / Answer label on ``line``, if any."""
     m = _LABEL_RE.match(_clean_line(line))
@@ -983,11 +1040,16 @@ def _later_disagreement(tail: str, tier: int, judge: _Judge) -> tuple[str, str] 
             return "negated", f"then adds '{_trim(same_line)[:60]}'"
     if _RETRACT_RE.search(tail):
         return "multiple_diagnoses", "takes it back afterwards"
+    undone = _takes_back(tail, judge)
+    if undone:
+        return "negated", f"then says '{undone[:60]}'"
     later: list[str] = []
     for line in tail.splitlines():
         rest = _label_rest(line)
         if rest is not None:
             later.append(_trim(_first_sentence(_strip_markdown(rest))))
+    for m in _LATER_LABEL_RE.finditer(_strip_markdown(tail)):  # also mid-line
+        later.append(_trim(_first_sentence(m.group("x"))))
     rest = tail
     while True:
         sent = _sentence_conclusion(rest)

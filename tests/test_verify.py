@@ -50,6 +50,8 @@ SJS = Case(id="sjs", question=Q, answer="Stevens-Johnson syndrome", aliases=["SJ
            distractors=["toxic epidermal necrolysis", "erythema multiforme"])
 OES = Case(id="oes", question=Q, answer="Oesophageal carcinoma", aliases=["oesophageal cancer"],
            distractors=["achalasia", "gastric carcinoma"])
+HEAT = Case(id="heat", question=Q, answer="Exertional heat stroke", aliases=["heat stroke"],
+            distractors=["heat exhaustion", "sepsis", "neuroleptic malignant syndrome"])
 MC = Case(id="mc", question=Q, answer="Acute appendicitis",
           options=["Ovarian torsion", "Ectopic pregnancy", "Acute appendicitis", "Mesenteric adenitis", "Renal colic"],
           answer_idx=2)
@@ -59,6 +61,8 @@ MC2 = Case(id="mc2", question=Q, answer="C. difficile colitis", aliases=["pseudo
            answer_idx=3)
 
 REASONING = "The patient has the findings described. Let me weigh the differential step by step.\n\n"
+R = ("The patient collapsed during a marathon with a core temperature of 41.2 C and confusion, which points "
+     "to a heat illness rather than infection.\n")
 
 # (case, trace, truly accepted?, true code)
 TABLE: list[tuple[Case, str, bool, str]] = [
@@ -366,6 +370,43 @@ TABLE: list[tuple[Case, str, bool, str]] = [
     (MC, "Final diagnosis: C - Acute appendicitis", True, "accepted"),
     (MC, "Final diagnosis: C. Acute appendicitis\nThe answer is B.", False, "multiple_diagnoses"),
     (MC, "Answer: C \u2014 wait, actually B", False, "multiple_diagnoses"),
+    # --- plain-English concluding sentences (read) and conclusions taken back later (never pass)
+ # --- ordinary concluding sentences that must be read    (true accepts)
+    (HEAT, R + "The most likely diagnosis for this patient is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "The most likely diagnosis for him is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "Therefore, the most likely diagnosis in this case is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "The diagnosis that best explains these findings is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "This presentation is most consistent with exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "Putting it together, this is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "The likely diagnosis for this runner is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "In summary, the patient has exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "These findings point to exertional heat stroke as the diagnosis.", True, "accepted"),
+    (HEAT, R + "My diagnosis is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "The best diagnosis for this patient would be exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "Exertional heat stroke is the most likely diagnosis for this patient.", True, "accepted"),
+    (HEAT, R + "The most probable diagnosis here is exertional heat stroke.", True, "accepted"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke. Heat exhaustion is less likely because he is confused.", True, "accepted"),
+    (APPY, REASONING + "The most likely diagnosis for this young man is acute appendicitis.", True, "accepted"),
+    (PE, REASONING + "Overall the most likely diagnosis for her is pulmonary embolism.", True, "accepted"),
+ # --- the last word: retracted, contradicted or qualified away    (true rejects)
+    (HEAT, R + "Exertional heat stroke is the most likely diagnosis. But exertional heat stroke is the least likely diagnosis.", False, "negated"),
+    (HEAT, R + "The most likely diagnosis is exertional heat stroke, but exertional heat stroke is the least likely diagnosis.", False, "multiple_diagnoses"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke. On balance this is not exertional heat stroke.", False, "negated"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke.\nOn balance this is not heat stroke.", False, "negated"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke\nOn reflection, exertional heat stroke is unlikely.", False, "negated"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke. Final diagnosis: heat exhaustion", False, "multiple_diagnoses"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke and then Final diagnosis: sepsis", False, "multiple_diagnoses"),
+    (HEAT, R + "The most likely diagnosis is exertional heat stroke. So the final diagnosis: sepsis.", False, "multiple_diagnoses"),
+    (HEAT, R + "The most likely diagnosis is exertional heat stroke.\nFinal diagnosis: heat exhaustion", False, "distractor"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke\nHowever, exertional heat stroke does not explain the rash, so it is not the diagnosis.", False, "negated"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke\nThis is not exertional heat stroke.", False, "negated"),
+    (HEAT, R + "Exertional heat stroke is the most likely diagnosis. Exertional heat stroke is the least likely diagnosis.", False, "negated"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke. It is unlikely to be exertional heat stroke, though.", False, "negated"),
+    (HEAT, R + "Final diagnosis: exertional heat stroke\nExertional heat stroke can be ruled out.", False, "negated"),
+    (HEAT, R + "The most likely diagnosis is exertional heat stroke. Heat stroke is less likely than sepsis.", False, "negated"),
+    (APPY, REASONING + "Final diagnosis: acute appendicitis\nOn balance, this is not appendicitis but ovarian torsion.", False, "negated"),
+    (APPY, REASONING + "Acute appendicitis is the most likely diagnosis ... but acute appendicitis is the least likely diagnosis.", False, "negated"),
+    (PE, REASONING + "Final diagnosis: pulmonary embolism. I no longer think it is a pulmonary embolism.", False, "negated"),
 ]
 
 KNOWN_MISSES = {
