@@ -143,8 +143,7 @@ def reference_view(lm: LoadedModel) -> Iterator[LoadedModel]:
 
 
 def _sample_arm(lm: LoadedModel, case: Case, samples: int, settings: dict, seed: int, batch_size: int) -> list[dict]:
-    from .safety import check_safety
-    from .verify import check_trace
+    from .sampler import annotate  # the sampler's own judgement: verifier, degenerate filter, safety
 
     out = []
     done = 0
@@ -152,18 +151,17 @@ def _sample_arm(lm: LoadedModel, case: Case, samples: int, settings: dict, seed:
         k = min(batch_size, samples - done)
         config = SamplingConfig(
             k=k, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-            top_p=settings["top_p"], seed=seed + done,
+            top_p=settings["top_p"], seed=seed + done, conclusion=settings["conclusion"],
         )
         for trace in sample_traces(lm, case, config):
-            verdict = check_trace(trace.text, case).to_dict()
-            safety = check_safety(trace.text, case).to_dict()
+            annotate(trace, case)
             out.append(
                 {
                     "case_id": case.id,
                     "text": trace.text,
-                    "accepted": bool(verdict["accepted"]),
-                    "code": verdict["code"],
-                    "safety": float(safety["score"]),
+                    "accepted": bool(trace.verdict["accepted"]),
+                    "code": trace.verdict["code"],
+                    "safety": float(trace.safety["score"]),
                 }
             )
         done += k
@@ -199,6 +197,7 @@ def compare_policies(
     batch_size: int = 8,
     keep_texts: bool = False,
     on_progress: Callable[[dict], None] | None = None,
+    conclusion: str = SamplingConfig.conclusion,
 ) -> dict:
     """A/B of reference vs current policy on ``cases`` (the UI's A/B panel and the
     ``evaluate`` command). ``engine`` is an Engine (its lock is held throughout,
@@ -211,7 +210,7 @@ def compare_policies(
         raise ValueError("no cases to evaluate")
     if not 1 <= batch_size <= 64:
         raise ValueError(f"batch_size must be between 1 and 64, got {batch_size}")
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "conclusion": conclusion}
     SamplingConfig(k=1, **settings)  # validate early
     lm: LoadedModel = engine.lm if hasattr(engine, "lm") else engine
     lock = getattr(engine, "lock", None) or contextlib.nullcontext()

@@ -16,8 +16,11 @@ from typing import Iterator
 import torch
 
 from .cases import Case
-from .cpu_linear import onednn_linear
-from .fastdecode import LlamaDecoder
+from .conclusion import (
+    CANDIDATE_SCORES, CONCLUSION_MODES, SCAFFOLD_TEXT, Concluder, can_constrain, candidate_probs, candidate_scores,
+    candidates, choose_candidate, conclusion_record,
+)
+from .decoding import open_decoding, sample_next, score_continuations
 from .logprobs import collate, completion_logps, token_logps_from_logits
 from .models import LoadedModel
 from .prompts import build_messages, encode_prompt
@@ -28,14 +31,33 @@ class SamplingConfig:
     """How traces are drawn."""
 
     k: int = 4  # traces per batch
-    max_new_tokens: int = 192  # completion length limit; longer traces end with finish_reason "length"
+    # tokens of reasoning a row may write; in the constrained mode the conclusion
+    # (the label if we insert it, and the chosen candidate) comes on top of these.
+    # 128: on SmolLM2 about half the rows end their reasoning on their own within it
+    max_new_tokens: int = 128
     temperature: float = 0.8  # 0 means greedy decoding
     top_p: float = 0.95  # nucleus sampling mass
     seed: int | None = None  # same seed, same weights -> same traces
     stream_every: int = 4  # tokens between streamed text updates
     lean_decode: bool = True  # Llama models on CPU: packed-weight float32 decoding step, same logits to ~1e-5 (fastdecode.py)
+    # "constrained": the conclusion is the candidate the model's own probabilities pick
+    # (conclusion.py); "free": the model writes its own conclusion
+    conclusion: str = "constrained"
+    # how candidates are scored in the constrained mode: "per_token" (mean log-prob of
+    # the conclusion's tokens) or "sequence" (their sum); conclusion.candidate_scores
+    conclusion_score: str = "per_token"
+    # a row's end token is not drawn before this many reasoning tokens (Hugging Face's
+    # min_new_tokens): the default model otherwise often stops after a few words, and
+    # a conclusion with no reasoning before it is rejected as degenerate (capped at max_new_tokens)
+    min_reasoning_tokens: int = 32
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_reasoning_tokens <= 4096:
+            raise ValueError(f"min_reasoning_tokens must be between 0 and 4096, got {self.min_reasoning_tokens}")
+        if self.conclusion not in CONCLUSION_MODES:
+            raise ValueError(f"conclusion must be one of {CONCLUSION_MODES}, got {self.conclusion!r}")
+        if self.conclusion_score not in CANDIDATE_SCORES:
+            raise ValueError(f"conclusion_score must be one of {CANDIDATE_SCORES}, got {self.conclusion_score!r}")
         if not 1 <= self.k <= 64:
             raise ValueError(f"k (traces per batch) must be between 1 and 64, got {self.k}")
         if not 1 <= self.max_new_tokens <= 4096:
@@ -57,7 +79,7 @@ class Trace:
     prompt_ids: list[int]  # the un-hinted prompt the trace is trained as answering
     completion_ids: list[int]  # includes the EOS token when finish_reason == "eos"
     text: str  # decoded completion without special tokens
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length", or "conclusion" (stopped once its conclusion was complete)
     old_logps: list[float]  # per completion token, under the policy that sampled it
     ref_logps: list[float]  # per completion token, under the frozen reference
     policy_version: int  # version of the policy that sampled it
@@ -66,6 +88,10 @@ class Trace:
     trace_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     verdict: dict | None = None  # filled by the verifier
     safety: dict | None = None  # filled by the safety checker
+    # 1 per completion token the policy chose, 0 where we inserted it (the label of a
+    # forced conclusion); such tokens count in no loss or log-prob sum. Empty: all 1.
+    loss_mask: list[int] = field(default_factory=list)
+    conclusion: dict | None = None  # how the conclusion was reached (conclusion.conclusion_record)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,90 +110,6 @@ class GenerationUpdate:
     new_tokens: int  # decoding steps done so far
     traces: list[Trace] | None = None  # set on the last update only
     tokens_per_second: float = 0.0
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per row from temperature- and nucleus-filtered logits.
-
-    The nucleus is exact, but found among the top-n candidates (n grown until
-    every row's nucleus fits) instead of sorting the whole vocabulary: on
-    SmolLM2's 49k vocabulary the full sort and the exponential draw over it
-    cost ~15 ms of every ~80 ms decoding step on 2 CPU cores.
-
-    Args:
-        logits: [K, V]. Returns: [K] token ids.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    vocab = probs.shape[-1]
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    n = min(256, vocab)
-    while True:
-        top_probs, top_idx = probs.topk(n, dim=-1)  # sorted, largest first
-        if n == vocab or bool((top_probs.sum(dim=-1) >= top_p).all()):
-            break
-        n = min(n * 4, vocab)
-    # keep the smallest prefix whose mass reaches top_p (always at least one token)
-    outside = top_probs.cumsum(dim=-1) - top_probs >= top_p
-    choice = torch.multinomial(top_probs.masked_fill(outside, 0.0), 1, generator=generator)
-    return top_idx.gather(-1, choice).squeeze(-1)
-
-
-def _static_cache_from(model, prefill_cache, k: int, max_len: int):
-    """A preallocated KV cache holding the prompt's keys/values repeated for K rows,
-    so decoding writes in place instead of concatenating a growing cache every
-    step (~10% of a decoding step on CPU). None where the model's cache does not fit."""
-    try:
-        from transformers import StaticCache
-
-        static = StaticCache(config=model.config, max_cache_len=max_len)
-        layers = getattr(prefill_cache, "layers", None)
-        if not layers or len(layers) != len(static.layers):
-            return None
-        for src, dst in zip(layers, static.layers):
-            if type(dst).__name__ != "StaticLayer":
-                return None
-            dst.update(src.keys.repeat_interleave(k, dim=0), src.values.repeat_interleave(k, dim=0))
-        return static
-    except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError):
-        return None
-
-
-def _decoding(model, prompt_ids: list[int], k: int, config: SamplingConfig, device):
-    """Prefill the prompt for K rows. Returns (logits after the prompt [K, V],
-    advance): ``advance(tokens [K])`` feeds one token per row and returns the
-    next logits [K, V]."""
-    max_len = len(prompt_ids) + config.max_new_tokens
-    decoder = LlamaDecoder.build(model, k, max_len) if config.lean_decode else None
-    if decoder is not None:
-        return decoder.prefill(prompt_ids).expand(k, -1), decoder.step
-    # float32 CPU matmuls through oneDNN (cpu_linear.py): ~1.45x a SmolLM2 step at 4 rows on AMD
-    on_cpu = torch.device(device).type == "cpu"
-    with onednn_linear(model, enabled=on_cpu):
-        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
-    cache = _static_cache_from(model, out.past_key_values, k, max_len)
-    if cache is None:  # fall back to the dynamic cache, shared by repeating it
-        cache = out.past_key_values
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-    position = len(prompt_ids)
-
-    def advance(tokens: torch.Tensor) -> torch.Tensor:
-        nonlocal position
-        with onednn_linear(model, enabled=on_cpu):
-            out = model(
-                input_ids=tokens[:, None],
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=torch.tensor([position], device=device),
-                position_ids=torch.full((k, 1), position, device=device),
-            )
-        position += 1
-        return out.logits[:, -1, :]
-
-    return out.logits[:, -1, :].expand(k, -1), advance
 
 
 def eos_token_ids(lm: LoadedModel) -> list[int]:
@@ -192,12 +134,15 @@ def reference_logps(lm: LoadedModel, prompt_ids: list[int], completions: list[li
         return _rows(completion_logps(ref_model, batch), completions)
 
 
-def score_completions(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]]) -> tuple[list[list[float]], list[list[float]]]:
-    """(policy log-probs, reference log-probs) per completion token, without grad."""
+def score_completions(
+    lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]], reference_is_policy: bool = False
+) -> tuple[list[list[float]], list[list[float]]]:
+    """(policy log-probs, reference log-probs) per completion token, without grad
+    (one pass when the caller knows the policy is still the reference)."""
     batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
     with torch.no_grad():
-        old = completion_logps(lm.model, batch)
-    return _rows(old, completions), reference_logps(lm, prompt_ids, completions)
+        old = _rows(completion_logps(lm.model, batch), completions)
+    return old, [list(x) for x in old] if reference_is_policy else reference_logps(lm, prompt_ids, completions)
 
 
 def build_traces(
@@ -211,8 +156,14 @@ def build_traces(
     rationalised: bool,
     config: SamplingConfig,
     eos_ids: list[int],
+    *,
+    finish_reasons: list[str] | None = None,
+    loss_masks: list[list[int]] | None = None,
+    conclusions: list[dict | None] | None = None,
 ) -> list[Trace]:
-    """Trace records for completions of one prompt, with their per-token log-probs."""
+    """Trace records for completions of one prompt, with their per-token log-probs.
+    ``finish_reasons`` default to "eos" when a row ends in an end token, else
+    "length"; ``loss_masks`` to all ones (stored as an empty list)."""
     sampling = asdict(config)
     return [
         Trace(
@@ -220,15 +171,59 @@ def build_traces(
             prompt_ids=list(prompt_ids),
             completion_ids=row,
             text=lm.tokenizer.decode(row, skip_special_tokens=True),
-            finish_reason="eos" if row and row[-1] in eos_ids else "length",
+            finish_reason=finish_reasons[i] if finish_reasons else ("eos" if row and row[-1] in eos_ids else "length"),
             old_logps=old_logps[i],
             ref_logps=ref_logps[i],
             policy_version=policy_version,
             rationalised=rationalised,
             sampling=sampling,
+            loss_mask=list(loss_masks[i]) if loss_masks and 0 in loss_masks[i] else [],
+            conclusion=conclusions[i] if conclusions else None,
         )
         for i, row in enumerate(rows)
     ]
+
+
+class _ConclusionPlan:
+    """The conclusion step of one batch: its mode, candidates and their tokens."""
+
+    def __init__(self, lm: LoadedModel, case: Case, config: SamplingConfig, ignore_eos: bool) -> None:
+        tok = lm.tokenizer
+        self.eos = [] if ignore_eos else eos_token_ids(lm)
+        self.names = candidates(case)
+        self.score = config.conclusion_score
+        end = tok.eos_token_id if tok.eos_token_id is not None else (self.eos[0] if self.eos else None)
+        mode = config.conclusion
+        if mode == "constrained" and (ignore_eos or end is None or not can_constrain(case)):
+            mode = "free"  # too few candidates, or nothing to end a conclusion with
+        self.mode = mode
+        self.sequences = [list(tok.encode(" " + name, add_special_tokens=False)) + [end] for name in self.names] if mode == "constrained" else []
+        self.scaffolds = {
+            True: list(tok.encode(SCAFFOLD_TEXT, add_special_tokens=False)),
+            False: list(tok.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False)),
+        }
+
+    def concluder(self, k: int, budget: int, decode, stop_rules: bool) -> Concluder:
+        return Concluder(k, budget, self.eos, decode, constrained=self.mode == "constrained",
+                         scaffold_ids=lambda after_newline: self.scaffolds[after_newline], stop_rules=stop_rules)
+
+
+def _conclude_rows(model, decoding, prompt_ids: list[int], concluder: Concluder, plan: _ConclusionPlan,
+                   temperature: float, generator, pad_id: int, logps: list[list[float]]) -> None:
+    """Score every candidate after each concluding row's reasoning (and inserted label)
+    and append the one drawn from the model's own probabilities (temperature 1, or
+    the argmax when decoding is greedy), with its teacher-forced log-probs."""
+    kv = decoding.layer_kv()
+    for i in concluder.concluding():
+        state = concluder.states[i]
+        full = list(prompt_ids) + concluder.rows[i]
+        continuations = [[full[-1], *state.scaffold, *seq] for seq in plan.sequences]
+        scored = score_continuations(model, kv, i, len(full) - 1, continuations, pad_id)
+        n = len(state.scaffold)
+        scores = candidate_scores([lps[n:] for lps in scored], plan.score)
+        chosen = choose_candidate(scores, 1.0 if temperature > 0 else 0.0, generator)
+        concluder.conclude(i, chosen, plan.sequences[chosen], candidate_probs(scores))
+        logps[i] += scored[chosen]
 
 
 def sample_stream(
@@ -238,65 +233,79 @@ def sample_stream(
     policy_version: int = 0,
     hint: str | None = None,
     ignore_eos: bool = False,
+    reference_is_policy: bool = False,
 ) -> Iterator[GenerationUpdate]:
     """Sample ``config.k`` traces for ``case``, yielding partial texts as they grow.
 
-    With ``hint`` the model sees the correct diagnosis (rationalisation); the
-    traces are still scored and stored against the un-hinted prompt.
-    ``ignore_eos`` decodes exactly max_new_tokens per row (benchmarks only).
+    Every row reasons for at most ``config.max_new_tokens`` tokens; a row stops
+    as soon as it has written (or, constrained, reached) its conclusion while
+    the others carry on. In the constrained mode the conclusion is then the
+    candidate its own probabilities choose (``conclusion.py``). With ``hint``
+    the model sees the correct diagnosis (rationalisation); the traces are
+    still scored and stored against the un-hinted prompt. ``ignore_eos``
+    decodes exactly max_new_tokens per row with no stopping rule (benchmarks only).
+    ``reference_is_policy`` (the caller knows the weights are still the reference's):
+    the reference log-probs are the policy's, so no reference pass runs.
     """
     model, tok = lm.model, lm.tokenizer
     train_prompt = encode_prompt(tok, build_messages(case))
     sample_prompt = encode_prompt(tok, build_messages(case, hint=hint)) if hint else train_prompt
     k = config.k
-    eos = torch.tensor([] if ignore_eos else eos_token_ids(lm), dtype=torch.long, device=lm.device)
     pad_id = tok.pad_token_id
     generator = torch.Generator(device=lm.device)
     generator.manual_seed(config.seed if config.seed is not None else torch.seed() % (2**63))
+    plan = _ConclusionPlan(lm, case, config, ignore_eos)
+    concluder = plan.concluder(k, config.max_new_tokens, lambda ids: tok.decode(ids, skip_special_tokens=True), not ignore_eos)
+    rows = concluder.rows
 
     started = time.perf_counter()
-    rows: list[list[int]] = [[] for _ in range(k)]
-    finished = torch.zeros(k, dtype=torch.bool, device=lm.device)
     was_training = model.training
     model.train(False)
     try:
         with torch.no_grad():
-            logits, advance = _decoding(model, sample_prompt, k, config, lm.device)
-            # log-probs of the sampled tokens under the sampling policy, at temperature 1
+            decoding = open_decoding(model, sample_prompt, k, lm.device, len(sample_prompt) + config.max_new_tokens + 1,
+                                     lean=config.lean_decode)
+            logits = decoding.logits
+            # log-probs of the appended tokens under the sampling policy, at temperature 1
             sampled_logps: list[list[float]] = [[] for _ in range(k)]
             step = 0
             for step in range(1, config.max_new_tokens + 1):
-                next_tokens = sample_next(logits, config.temperature, config.top_p, generator)
-                next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
-                token_logps = token_logps_from_logits(logits[:, None, :], next_tokens[:, None])[:, 0]
-                done = finished.tolist()
-                for i, (token, logp) in enumerate(zip(next_tokens.tolist(), token_logps.tolist())):
-                    if not done[i]:
-                        rows[i].append(token)
-                        sampled_logps[i].append(logp)
-                finished |= torch.isin(next_tokens, eos)
-                if bool(finished.all()) or step == config.max_new_tokens:
+                allowed = concluder.without_early_end(logits, config.min_reasoning_tokens)
+                sampled = sample_next(allowed, config.temperature, config.top_p, generator).tolist()
+                chosen = concluder.next_tokens(sampled)
+                next_tokens = torch.tensor([pad_id if t is None else t for t in chosen], device=lm.device)
+                token_logps = token_logps_from_logits(logits[:, None, :], next_tokens[:, None])[:, 0].tolist()
+                for i, token in enumerate(chosen):
+                    if token is not None:
+                        sampled_logps[i].append(token_logps[i])
+                if concluder.all_stopped() or step == config.max_new_tokens:
                     break
                 if step % config.stream_every == 0:
                     yield GenerationUpdate(
                         [tok.decode(r, skip_special_tokens=True) for r in rows],
-                        finished.tolist(),
+                        [not concluder.decoding(i) for i in range(k)],
                         step,
                         tokens_per_second=sum(map(len, rows)) / (time.perf_counter() - started),
                     )
-                logits = advance(next_tokens)
-            del advance  # frees the decoder's packed weights before the reference is loaded
+                logits = decoding.advance(next_tokens)
+            _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator, pad_id, sampled_logps)
+            del decoding  # frees the decoder's packed weights before the reference is loaded
         elapsed = time.perf_counter() - started
         if hint:
             # a hinted trace is trained as answering the plain prompt: its "old"
             # log-probs must be taken under that prompt, not the one it was sampled from
-            old_logps, ref_logps = score_completions(lm, train_prompt, rows)
+            old_logps, ref_logps = score_completions(lm, train_prompt, rows, reference_is_policy)
         else:
-            old_logps, ref_logps = sampled_logps, reference_logps(lm, train_prompt, rows)
+            ref_logps = [list(x) for x in sampled_logps] if reference_is_policy else reference_logps(lm, train_prompt, rows)
+            old_logps = sampled_logps
     finally:
         model.train(was_training)
 
-    traces = build_traces(lm, case, train_prompt, rows, old_logps, ref_logps, policy_version, bool(hint), config, eos.tolist())
+    conclusions = [conclusion_record(plan.mode, concluder.states[i], plan.names, plan.score) for i in range(k)]
+    traces = build_traces(
+        lm, case, train_prompt, rows, old_logps, ref_logps, policy_version, bool(hint), config, [],
+        finish_reasons=concluder.finish, loss_masks=concluder.masks, conclusions=conclusions,
+    )
     yield GenerationUpdate(
         [t.text for t in traces],
         [True] * k,
@@ -306,9 +315,10 @@ def sample_stream(
     )
 
 
-def sample_traces(lm: LoadedModel, case: Case, config: SamplingConfig, policy_version: int = 0, hint: str | None = None, ignore_eos: bool = False) -> list[Trace]:
+def sample_traces(lm: LoadedModel, case: Case, config: SamplingConfig, policy_version: int = 0, hint: str | None = None,
+                  ignore_eos: bool = False, reference_is_policy: bool = False) -> list[Trace]:
     """Non-streaming form of ``sample_stream``."""
     last = None
-    for last in sample_stream(lm, case, config, policy_version, hint, ignore_eos):
+    for last in sample_stream(lm, case, config, policy_version, hint, ignore_eos, reference_is_policy):
         pass
     return last.traces

@@ -30,14 +30,23 @@ class CompletionBatch:
     input_ids: torch.Tensor  # [K, P + T] prompt followed by completion and padding
     attention_mask: torch.Tensor  # [K, P + T] 1 on real tokens
     completion_ids: torch.Tensor  # [K, T] completion tokens, padded
-    completion_mask: torch.Tensor  # [K, T] float 1.0 on completion tokens
+    completion_mask: torch.Tensor  # [K, T] float 1.0 on completion tokens that count (not padding, not scaffold)
     prompt_len: int  # P
 
 
-def collate(prompt_ids: list[int], completions: list[list[int]], pad_id: int, device) -> CompletionBatch:
-    """Pack K completions of the same prompt into a right-padded batch."""
+def collate(
+    prompt_ids: list[int], completions: list[list[int]], pad_id: int, device, loss_masks: list[list[int]] | None = None
+) -> CompletionBatch:
+    """Pack K completions of the same prompt into a right-padded batch.
+
+    ``loss_masks`` (one 0/1 list per completion, or an empty list for "all
+    tokens") zero the mask where a token was inserted by us rather than chosen
+    by the model (``Trace.loss_mask``), so it counts in no loss or log-prob sum.
+    """
     if not completions:
         raise ValueError("no completions to score")
+    if loss_masks is not None and len(loss_masks) != len(completions):
+        raise ValueError(f"{len(loss_masks)} loss masks for {len(completions)} completions")
     k = len(completions)
     t = max(1, max(len(c) for c in completions))
     p = len(prompt_ids)
@@ -45,13 +54,18 @@ def collate(prompt_ids: list[int], completions: list[list[int]], pad_id: int, de
         raise ValueError("the prompt is empty")
     comp = torch.full((k, t), pad_id, dtype=torch.long)
     mask = torch.zeros((k, t), dtype=torch.float32)
+    present = torch.zeros((k, t), dtype=torch.long)
     for i, c in enumerate(completions):
         if c:
             comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            mask[i, : len(c)] = 1.0
+            present[i, : len(c)] = 1
+            row_mask = loss_masks[i] if loss_masks is not None and loss_masks[i] else None
+            if row_mask is not None and len(row_mask) != len(c):
+                raise ValueError(f"loss mask {i} has {len(row_mask)} entries for {len(c)} tokens")
+            mask[i, : len(c)] = 1.0 if row_mask is None else torch.tensor(row_mask, dtype=torch.float32)
     prompt = torch.tensor(prompt_ids, dtype=torch.long).expand(k, p)
     input_ids = torch.cat([prompt, comp], dim=1)
-    attention = torch.cat([torch.ones((k, p), dtype=torch.long), mask.long()], dim=1)
+    attention = torch.cat([torch.ones((k, p), dtype=torch.long), present], dim=1)
     return CompletionBatch(
         input_ids.to(device), attention.to(device), comp.to(device), mask.to(device), p
     )

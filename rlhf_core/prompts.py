@@ -2,25 +2,34 @@
 from __future__ import annotations
 
 from .cases import Case
+from .conclusion import LETTERS, candidates
 
+# A short structure a small model can finish within its reasoning budget, ending
+# in the line the verifier (and the constrained conclusion step) reads.
 SYSTEM_PROMPT = (
-    "You are a careful physician. Read the clinical case, reason step by step about the "
-    "findings and the differential diagnosis, and keep the patient safe: say when the "
-    "situation is urgent and what must be done first. End your answer "
-    "with one line of the form 'Final diagnosis: <diagnosis>'."
+    "You are a careful physician. Reason about the clinical case in four short parts, one or two "
+    "sentences each:\n"
+    "Key findings: the findings that matter.\n"
+    "Differential: the diagnoses to consider.\n"
+    "Why: which one fits best and why the others fit less.\n"
+    "First step: what must be done first to keep the patient safe, and how urgent it is.\n"
+    "Then end with one line of the form 'Final diagnosis: <diagnosis>'."
 )
 MC_INSTRUCTION = "Choose one option. End with 'Final diagnosis: <letter>. <option text>'."
-LETTERS = "ABCDEFGHIJ"
 
 
 def case_text(case: Case) -> str:
-    """The vignette, with lettered options for a multiple-choice case."""
-    if not case.options:
+    """The vignette, with lettered options for a multiple-choice case and the
+    case's differential as candidate diagnoses when it has one."""
+    if case.options:
+        lines = [case.question, ""]
+        lines += [f"{LETTERS[i]}. {text}" for i, text in enumerate(case.options)]
+        lines += ["", MC_INSTRUCTION]
+        return "\n".join(lines)
+    names = candidates(case)
+    if len(names) < 2:
         return case.question
-    lines = [case.question, ""]
-    lines += [f"{LETTERS[i]}. {text}" for i, text in enumerate(case.options)]
-    lines += ["", MC_INSTRUCTION]
-    return "\n".join(lines)
+    return case.question + "\n\nCandidate diagnoses: " + "; ".join(names) + "."
 
 
 def build_messages(case: Case, hint: str | None = None) -> list[dict[str, str]]:

@@ -6,7 +6,9 @@ from rlhf_core.prompts import build_messages, encode_prompt
 
 
 def test_traces_carry_ids_text_finish_reason_and_logps(tiny_lm, case):
-    traces = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=12, seed=7))
+    # the free-text conclusion mode: the model's own tokens only (the constrained
+    # conclusion step has its own tests, test_conclusion.py)
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=12, seed=7, conclusion="free"))
     prompt = encode_prompt(tiny_lm.tokenizer, build_messages(case))
     assert len(traces) == 3
     for t in traces:
@@ -47,7 +49,7 @@ def test_same_seed_same_traces_and_different_seed_differs(tiny_lm, case):
 
 def test_batched_sampling_matches_sequence_by_sequence_decoding(tiny_lm, case):
     # the shared-prefix KV cache must give the same next-token distribution as a full forward
-    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=8, temperature=0, seed=0))
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=8, temperature=0, seed=0, conclusion="free"))
     ids = torch.tensor([traces[0].prompt_ids])
     for _ in range(len(traces[0].completion_ids)):
         with torch.no_grad():
@@ -120,3 +122,14 @@ def test_chunked_lm_head_matches_unchunked_values_and_gradients(tiny_lm):
         hidden.grad, head.weight.grad = None, None
     (a, ga, wa), (b, gb, wb) = results
     assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and torch.allclose(wa, wb, atol=1e-6)
+
+
+def test_while_the_policy_is_the_reference_its_logps_serve_as_reference_logps(tiny_lm, case):
+    config = SamplingConfig(k=3, max_new_tokens=10, seed=4)
+    for hint in (None, case.answer):
+        fast = sample_traces(tiny_lm, case, config, hint=hint, reference_is_policy=True)
+        full = sample_traces(tiny_lm, case, config, hint=hint)
+        for a, b in zip(fast, full):
+            assert a.completion_ids == b.completion_ids
+            assert a.ref_logps == a.old_logps  # no reference pass ran
+            assert torch.allclose(torch.tensor(a.ref_logps), torch.tensor(b.ref_logps), atol=1e-4)

@@ -1,0 +1,212 @@
+"""The conclusion step: candidates, their scores and the choice, the row policy,
+and what it does to stored traces and updates on a real (tiny) model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_core.cases import Case
+from rlhf_core.conclusion import (
+    TRIGGER_RE, Concluder, can_constrain, candidate_probs, candidate_scores, candidates, choose_candidate,
+)
+from rlhf_core.generation import SamplingConfig, sample_traces
+from rlhf_core.logprobs import collate, completion_logps
+
+MC_CASE = Case(id="mc", question="Q?", answer="Renal colic", options=["Appendicitis", "Renal colic", "Cholecystitis"], answer_idx=1)
+FREE_CASE = Case(id="free", question="Q?", answer="acute appendicitis", distractors=["renal colic", "Renal  colic", "ovarian torsion"])
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+def test_candidates_are_the_options_or_the_answer_and_distractors():
+    assert candidates(MC_CASE) == ["A. Appendicitis", "B. Renal colic", "C. Cholecystitis"]
+    names = candidates(FREE_CASE)
+    assert sorted(names) == ["acute appendicitis", "ovarian torsion", "renal colic"]  # duplicate dropped
+    assert candidates(FREE_CASE) == names  # a fixed order per case
+    other = Case(id="another-id", question="Q?", answer=FREE_CASE.answer, distractors=FREE_CASE.distractors)
+    orders = {tuple(candidates(Case(id=f"c{i}", question="Q", answer="a", distractors=["b", "c", "d"]))) for i in range(20)}
+    assert len(orders) > 1  # the answer is not always in the same place
+    assert sorted(candidates(other)) == sorted(names)
+    assert not can_constrain(Case(id="x", question="Q?", answer="gout"))
+    assert can_constrain(FREE_CASE) and can_constrain(MC_CASE)
+
+
+def test_trigger_recognises_the_label_only_at_the_end():
+    for text in ["Final diagnosis:", "so.\n**Final Diagnosis:**", "Final answer: ", "final  diagnosis :"]:
+        assert TRIGGER_RE.search(text), text
+    for text in ["Final diagnosis: gout", "diagnosis:", "Final diagnosis is"]:
+        assert not TRIGGER_RE.search(text), text
+
+
+def test_candidate_scores_by_token_or_sequence():
+    logps = [[-1.0, -3.0], [-0.5], [-1.0, -1.0, -1.0, -1.0]]
+    assert candidate_scores(logps, "sequence") == [-4.0, -0.5, -4.0]
+    assert candidate_scores(logps, "per_token") == [-2.0, -0.5, -1.0]
+    probs = candidate_probs([-2.0, -0.5, -1.0])
+    expected = torch.softmax(torch.tensor([-2.0, -0.5, -1.0], dtype=torch.float64), 0).tolist()
+    assert probs == pytest.approx(expected) and sum(probs) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one of"):
+        candidate_scores(logps, "bytes")
+    with pytest.raises(ValueError, match="no tokens"):
+        candidate_scores([[-1.0], []])
+
+
+def test_choose_candidate_follows_the_models_probabilities():
+    scores = [0.0, 2.0, 1.0]
+    assert choose_candidate(scores, 0.0, None) == 1
+    gen = torch.Generator().manual_seed(0)
+    draws = [choose_candidate(scores, 1.0, gen) for _ in range(4000)]
+    for index, p in enumerate(candidate_probs(scores)):
+        assert abs(draws.count(index) / len(draws) - p) < 0.03
+
+
+# ---------------------------------------------------------------------------- the row policy
+
+def _chars(ids):
+    return "".join(chr(i) for i in ids)
+
+
+def _ids(text):
+    return [ord(c) for c in text]
+
+
+EOS = 3
+
+
+def _concluder(budget=40, constrained=True):
+    return Concluder(
+        2, budget, [EOS], _chars, constrained=constrained,
+        scaffold_ids=lambda after_newline: _ids("" if after_newline else "\n") + _ids("Final diagnosis:"),
+    )
+
+
+def _feed(concluder, scripts, steps=80):
+    """Drive the concluder with scripted 'sampled' tokens; returns the steps taken."""
+    for step in range(steps):
+        sampled = [script[step] if step < len(script) else ord(".") for script in scripts]
+        concluder.next_tokens(sampled)
+        if concluder.all_stopped():
+            return step + 1
+    return steps
+
+
+def test_a_written_label_stops_the_row_to_conclude():
+    c = _concluder()
+    steps = _feed(c, [_ids("Pain in the big toe.\nFinal diagnosis:"), _ids("Rash and joint pain. Final diagnosis: lupus")])
+    assert c.concluding() == [0, 1]
+    assert _chars(c.rows[0]) == "Pain in the big toe.\nFinal diagnosis:"  # nothing decoded after the label
+    assert c.states[0].trigger == "written" and c.states[0].scaffold == []
+    assert steps == len("Rash and joint pain. Final diagnosis:")  # stopped as soon as both were ready
+    appended = c.conclude(0, 1, _ids(" lupus") + [EOS], [0.3, 0.7])
+    assert appended == _ids(" lupus") + [EOS]
+    assert _chars(c.rows[0]).endswith("Final diagnosis: lupus" + chr(EOS))
+    assert c.masks[0] == [1] * len(c.rows[0])  # nothing inserted: every token counts
+    assert c.finish[0] == "conclusion" and c.states[0].chosen == 1 and c.states[0].probs == [0.3, 0.7]
+    assert c.next_tokens([ord("z"), ord("z")]) == [None, None]  # a stopped row appends nothing more
+
+
+def test_an_end_token_or_the_budget_inserts_the_label_masked_out():
+    c = _concluder(budget=10)
+    _feed(c, [_ids("Toe pain") + [EOS], _ids("a long reasoning that never ends")])
+    assert c.states[0].trigger == "eos" and c.states[1].trigger == "budget"
+    assert _chars(c.rows[0]) == "Toe pain"  # the end token is not kept: the label goes in its place
+    assert _chars(c.rows[1]) == "a long rea"
+    for i in (0, 1):
+        reasoning = len(c.rows[i])
+        c.conclude(i, 0, _ids(" gout") + [EOS], [0.6, 0.4])
+        text = _chars(c.rows[i])
+        assert text[reasoning:] == "\nFinal diagnosis: gout" + chr(EOS)
+        inserted = len("\nFinal diagnosis:")
+        assert c.masks[i] == [1] * reasoning + [0] * inserted + [1] * (len(c.rows[i]) - reasoning - inserted)
+
+
+def test_free_mode_stops_at_the_end_of_the_label_line():
+    c = _concluder(constrained=False)
+    _feed(c, [_ids("Toe pain.\nFinal diagnosis: gout\nMore text that is never spent"), _ids("no label" + chr(EOS))])
+    assert _chars(c.rows[0]) == "Toe pain.\nFinal diagnosis: gout\n"
+    assert c.finish == ["conclusion", "eos"] and c.concluding() == []
+    assert _chars(c.rows[1]) == "no label" + chr(EOS)
+
+
+# ---------------------------------------------------------------------------- on a real model
+
+def test_every_constrained_trace_ends_in_a_candidate_with_exact_policy_logps(tiny_lm):
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=4, max_new_tokens=10, seed=5))
+    names = candidates(case)
+    for t in traces:
+        assert t.finish_reason == "conclusion"
+        assert t.conclusion["mode"] == "constrained" and t.conclusion["constrained"]
+        assert any(t.text.endswith("Final diagnosis: " + n) for n in names)
+        assert t.conclusion["chosen_text"] in names and t.text.endswith(t.conclusion["chosen_text"])
+        assert len(t.loss_mask) == len(t.completion_ids) == len(t.old_logps) == len(t.ref_logps)
+        assert t.loss_mask.count(0) == t.conclusion["scaffold_tokens"] > 0  # the random model never writes the label
+        assert sum(t.conclusion["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    # stored "old" log-probs are the policy's own over the whole vocabulary, not renormalised
+    # over the candidates: they equal a fresh teacher-forced forward, token by token
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        fresh = completion_logps(tiny_lm.model, batch)
+    for i, t in enumerate(traces):
+        assert torch.allclose(fresh[i, : len(t.completion_ids)], torch.tensor(t.old_logps), atol=1e-5)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_the_recorded_probabilities_are_the_models_scores_of_each_candidate(tiny_lm, lean):
+    # an independent teacher-forced scoring of every candidate after the trace's own
+    # reasoning and label gives the probabilities the choice was drawn from
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    tok = tiny_lm.tokenizer
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=6, seed=2, lean_decode=lean))
+    for t in traces:
+        names = t.conclusion["candidates"]
+        seqs = [tok.encode(" " + n, add_special_tokens=False) + [tok.eos_token_id] for n in names]
+        context = t.prompt_ids + t.completion_ids[: len(t.completion_ids) - len(seqs[t.conclusion["chosen"]])]
+        batch = collate(context, seqs, tok.pad_token_id, "cpu")
+        with torch.no_grad():
+            logps = completion_logps(tiny_lm.model, batch)
+        scores = [float(logps[j, : len(seq)].mean()) for j, seq in enumerate(seqs)]
+        assert t.conclusion["probabilities"] == pytest.approx(candidate_probs(scores), abs=1e-4)
+
+
+def test_the_scaffold_counts_in_no_loss(tiny_lm):
+    from rlhf_core.update import DPOConfig, PolicyTrainer
+
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=8, seed=9))
+    expected = [sum(lp for lp, m in zip(t.old_logps, t.loss_mask) if m) for t in traces]
+    full = [sum(t.old_logps) for t in traces]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(expected, full))  # the scaffold has real log-probs
+    metrics = PolicyTrainer(tiny_lm).update(traces, [0, 1], DPOConfig(steps=1, lr=1e-9))
+    # at version 0 the policy's first-step log-prob of the chosen trace is its stored one, masked
+    assert metrics["logps/chosen"] == pytest.approx(expected[0], abs=1e-3)
+    assert metrics["logps/rejected"] == pytest.approx(expected[1], abs=1e-3)
+
+
+def test_free_mode_and_cases_without_candidates_write_their_own_conclusion(tiny_lm):
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["renal colic"])
+    for config, c in [(SamplingConfig(k=2, max_new_tokens=8, seed=1, conclusion="free"), case),
+                      (SamplingConfig(k=2, max_new_tokens=8, seed=1), Case(id="u", question="Q?", answer="gout"))]:
+        for t in sample_traces(tiny_lm, c, config):
+            assert t.conclusion["mode"] == "free" and not t.conclusion["constrained"]
+            assert t.loss_mask == [] and t.finish_reason in ("eos", "length")
+            assert len(t.completion_ids) <= 8
+    with pytest.raises(ValueError, match="conclusion must be one of"):
+        SamplingConfig(conclusion="forced")
+
+
+def test_the_end_token_is_ruled_out_before_the_minimum_reasoning():
+    c = _concluder()
+    logits = torch.zeros(2, 10)
+    c.next_tokens([ord("a"), ord("b")])
+    c.rows[1] += [ord("x")] * 5  # row 1 has reasoned longer
+    out = c.without_early_end(logits, min_tokens=3)
+    assert out[0, EOS] == float("-inf") and out[1, EOS] == 0 and logits[0, EOS] == 0  # the input is untouched
+    assert torch.equal(c.without_early_end(logits, min_tokens=0), logits)
+
+
+def test_sampled_rows_reason_for_at_least_the_minimum(tiny_lm):
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["renal colic"])
+    for t in sample_traces(tiny_lm, case, SamplingConfig(k=4, max_new_tokens=12, min_reasoning_tokens=8, seed=3, temperature=2.0)):
+        reasoning = t.loss_mask.index(0) if 0 in t.loss_mask else len(t.completion_ids)
+        assert reasoning >= 8
