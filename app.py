@@ -35,7 +35,7 @@ from ui.api import build_api
 from ui.case_panel import bind_case_panel, build_case_panel
 from ui.data_tab import bind_data_tab, build_data_tab
 from ui.eval_tab import bind_eval_tab, build_eval_tab
-from ui.generate_tab import bind_generate, build_generate_controls, build_trace_cards
+from ui.generate_tab import bind_generate, build_generate_controls, build_trace_cards, conclusion_setting
 from ui.metrics_panel import bind_metrics, build_charts
 from ui.model_tab import bind_model_tab, build_model_tab
 from ui.rank_tab import bind_rank, build_rank_panel
@@ -100,6 +100,7 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
         bind_eval_tab(room, ui)
         build_api(room)
         demo.load(prefill_annotator, None, ui["annotator"], api_visibility="private", show_progress="hidden")
+        demo.load(lambda: conclusion_setting(room), None, ui["conclusion"], api_visibility="private", show_progress="hidden")
     demo.room = room
     demo.ui = ui
     return demo

@@ -45,6 +45,7 @@ from typing import Callable, Iterator
 
 from .cases import Case
 from .checkpoint import CheckpointError, load_into, read_manifest, save_checkpoint
+from .conclusion import CONCLUSION_MODES
 from .generation import SamplingConfig, Trace, sample_stream
 from .models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
@@ -133,6 +134,21 @@ class Engine:
     def mode(self) -> str:
         return "lora" if self.lm.lora is not None else "full"
 
+    def conclusion_mode(self, choice: str | None = None) -> str:
+        """The workspace's conclusion mode (``SamplingConfig.conclusion``): ``choice``
+        when given (and then saved as the workspace's setting), else the saved one,
+        else the default."""
+        if choice is not None:
+            SamplingConfig(conclusion=choice)  # validates
+            if self.store is not None:
+                self.store.set_workspace_settings(self.workspace, conclusion=choice)
+            return choice
+        if self.store is not None:
+            saved = self.store.workspace_settings(self.workspace).get("conclusion")
+            if saved in CONCLUSION_MODES:
+                return saved
+        return SamplingConfig.conclusion
+
     def describe(self) -> dict:
         lm = self.lm
         info = {
@@ -150,8 +166,9 @@ class Engine:
     # -- sampling -------------------------------------------------------------
 
     def generate_batch(self, case: Case, config: SamplingConfig, hint: str | None = None):
-        """One batch of raw traces (the ``generate`` callable the sampler expects)."""
-        return sample_stream(self.lm, case, config, self.version, hint=hint)
+        """One batch of raw traces (the ``generate`` callable the sampler expects).
+        While the weights are still the reference's, no reference pass is needed."""
+        return sample_stream(self.lm, case, config, self.version, hint=hint, reference_is_policy=self._pristine)
 
     def sample(self, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> Iterator[SamplerEvent]:
         """Rejection-sample verified traces for a case, streaming progress.
@@ -167,7 +184,7 @@ class Engine:
         last = None
         for last in self.sample(case, sampling, rejection):
             pass
-        return SamplerResult(last.accepted, last.traces, last.report)
+        return SamplerResult(last.accepted, last.traces, last.report, last.negatives)
 
     # -- rankings and updates -------------------------------------------------
 
@@ -179,6 +196,7 @@ class Engine:
         comments: dict | list | None = None,
         note: str = "",
         case: Case | None = None,
+        ranked: int | None = None,
     ) -> int:
         """Store a ranking without updating the policy (e.g. a second annotator of
         the same traces, for the agreement view). Returns the ranking id."""
@@ -186,7 +204,7 @@ class Engine:
         with self.lock:
             return store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
-                policy_version=self.version,
+                policy_version=self.version, ranked=ranked,
             )
 
     def update(
@@ -202,8 +220,10 @@ class Engine:
         case: Case | None = None,
         extra_metrics: dict | None = None,
         ranking_id: int | None = None,
+        ranked: int | None = None,
     ) -> dict:
-        """Apply one ranking (best to worst indices into ``traces``).
+        """Apply one ranking (best to worst indices into ``traces``; with ``ranked``
+        the positions after the first ``ranked`` are tied below the line).
 
         With a store the ranking is committed first (by ``annotator``, default
         "unknown"; or pass the ``ranking_id`` of one already recorded), then the
@@ -213,7 +233,8 @@ class Engine:
         """
         with self.lock:
             if self.store is None:
-                metrics = self.trainer.update(traces, ranking, config, on_step=on_step)
+                metrics = self.trainer.update(traces, ranking, config, on_step=on_step, ranked=ranked)
+                metrics["ranked"] = ranked
                 for key, value in (extra_metrics or {}).items():
                     metrics.setdefault(key, value)
                 self._pristine = self._pristine and metrics["skipped"]
@@ -221,18 +242,22 @@ class Engine:
             if ranking_id is None:
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,
-                    case=case, policy_version=self.version, update_config=_config_dict(config),
+                    case=case, policy_version=self.version, update_config=_config_dict(config), ranked=ranked,
                 )
             else:
                 found = self.store.ranking(ranking_id)
                 if found is None or found["workspace"] != self.workspace:
                     raise ValueError(f"ranking {ranking_id} is not in workspace {self.workspace!r}")
-            return self._apply(ranking_id, traces, ranking, config, on_step, extra_metrics or {})
+                ranked = found["ranked"]
+            return self._apply(ranking_id, traces, ranking, config, on_step, extra_metrics or {}, ranked=ranked)
 
-    def _apply(self, ranking_id, traces, ranking, config, on_step, extra: dict, supersedes: int | None = None) -> dict:
+    def _apply(
+        self, ranking_id, traces, ranking, config, on_step, extra: dict, supersedes: int | None = None, ranked: int | None = None
+    ) -> dict:
         store = self.store
         try:
-            metrics = self.trainer.update(traces, ranking, config, on_step=on_step)
+            metrics = self.trainer.update(traces, ranking, config, on_step=on_step, ranked=ranked)
+            metrics["ranked"] = ranked
         except Exception as err:
             store.set_ranking_status(ranking_id, "failed", f"{type(err).__name__}: {err}")
             raise
@@ -450,6 +475,7 @@ class Engine:
         done = 0
         for ranking_id, old in todo:
             traces, ranking = store.ranking_traces(ranking_id)
+            ranked = store.ranking(ranking_id)["ranked"]
             if any(not t.prompt_ids or not t.completion_ids for t in traces):
                 store.set_ranking_status(ranking_id, "failed", "its traces have no token data to train on")
                 continue
@@ -462,7 +488,7 @@ class Engine:
             algorithm = cfg.pop("algorithm")
             config = make_config(algorithm, **cfg)
             try:
-                self._apply(ranking_id, traces, ranking, config, None, extra, supersedes=old["id"] if old else None)
+                self._apply(ranking_id, traces, ranking, config, None, extra, supersedes=old["id"] if old else None, ranked=ranked)
             except (ValueError, RuntimeError) as err:
                 log.warning("could not replay ranking %s: %s", ranking_id, err)
                 continue

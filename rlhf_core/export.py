@@ -128,11 +128,15 @@ def ranking_records(store: Store, workspace: str | None = None, exclude_rational
                 t = traces[tid]
                 if exclude_rationalised and t.rationalised:
                     continue
+                below = r["ranked"] is not None and rank > r["ranked"]
                 ordered.append(
                     {
                         "trace_id": t.trace_id,
-                        "rank": rank,
+                        # traces below the line share the rank after the last ordered one
+                        "rank": r["ranked"] + 1 if below else rank,
+                        "below_the_line": below,
                         "text": t.text,
+                        "conclusion": t.conclusion,
                         "finish_reason": t.finish_reason,
                         "rationalised": bool(t.rationalised),
                         "verdict": t.verdict,
@@ -169,6 +173,8 @@ def pair_rows(store: Store, workspace: str | None = None, exclude_rationalised: 
     for rec in ranking_records(store, workspace, exclude_rationalised):
         prompt = plain_prompt(rec["prompt"]) if text else as_messages(rec["prompt"])
         for better, worse in itertools.combinations(rec["traces"], 2):
+            if better["rank"] == worse["rank"]:  # tied below the line: no preference between them
+                continue
             if text:
                 chosen, rejected = better["text"], worse["text"]
             else:
@@ -216,10 +222,17 @@ def kendall_tau(order_a: list, order_b: list) -> float:
     return (concordant - discordant) / (n * (n - 1) / 2)
 
 
+def _ordered(ranking: dict) -> list[str]:
+    """The trace ids a ranking orders: all of them, or those above the line."""
+    ids = ranking["trace_ids"]
+    return ids if ranking.get("ranked") is None else ids[: ranking["ranked"]]
+
+
 def agreement(store: Store, workspace: str | None = None) -> list[dict]:
     """One row per trace group that two or more annotators ranked: the annotators,
-    Kendall's tau for every pair of them (each annotator's latest ranking of the
-    group counts) and the mean. Groups must be the same set of traces."""
+    Kendall's tau for every pair of them over the traces they ordered (traces tied
+    below the line agree by construction and do not count; each annotator's latest
+    ranking of the group counts) and the mean. Groups must be the same set of traces."""
     rows = []
     for ws in _workspaces(store, workspace):
         groups: dict[str, dict[str, dict]] = {}
@@ -229,11 +242,13 @@ def agreement(store: Store, workspace: str | None = None) -> list[dict]:
             if len(by_annotator) < 2:
                 continue
             annotators = sorted(by_annotator)
+            first = by_annotator[annotators[0]]
+            if len(_ordered(first)) < 2 or any(set(_ordered(r)) != set(_ordered(first)) for r in by_annotator.values()):
+                continue  # nothing ordered to compare (one trace above the line), or different lines
             pairs = [
-                {"a": a, "b": b, "tau": kendall_tau(by_annotator[a]["trace_ids"], by_annotator[b]["trace_ids"])}
+                {"a": a, "b": b, "tau": kendall_tau(_ordered(by_annotator[a]), _ordered(by_annotator[b]))}
                 for a, b in itertools.combinations(annotators, 2)
             ]
-            first = by_annotator[annotators[0]]
             rows.append(
                 {
                     "workspace": ws,
@@ -368,6 +383,7 @@ def _imported_trace(case_id: str, d: dict, default_id: str) -> Trace:
         trace_id=str(d.get("trace_id") or default_id),
         verdict=d.get("verdict"),
         safety=d.get("safety"),
+        conclusion=d.get("conclusion") if isinstance(d.get("conclusion"), dict) else None,
     )
 
 
@@ -418,6 +434,10 @@ def _regroup_pairs(rows: list[tuple[int, dict]], path: Path) -> list[tuple[int, 
                 raise ValueError(f"{path}: line {lineno}: trace {tid} appears with two different texts")
     for group in groups.values():
         del group["_texts"]
+        ranks = [t["rank"] for t in group["traces"]]
+        if ranks.count(max(ranks)) > 1:  # the traces tied at the bottom were below the line
+            for t in group["traces"]:
+                t["below_the_line"] = t["rank"] == max(ranks)
     return out
 
 
@@ -452,6 +472,9 @@ def import_file(store: Store, path: str | os.PathLike, workspace: str = "default
                 traces = [
                     _imported_trace(case_id, d, content_id(row["prompt"], d["text"])) for d in trace_dicts
                 ]
+                below = sum(bool(d.get("below_the_line")) for d in trace_dicts)
+                if below and any(d.get("below_the_line") for d in trace_dicts[: len(trace_dicts) - below]):
+                    raise ValueError("traces below the line must come after every ranked trace")
                 comments = dict(row.get("comments") or {})
                 for d, t in zip(trace_dicts, traces):
                     if d.get("comment") and t.trace_id not in comments:
@@ -460,6 +483,7 @@ def import_file(store: Store, path: str | os.PathLike, workspace: str = "default
                     workspace, traces, list(range(len(traces))), annotator or row.get("annotator") or source,
                     comments=comments, note=row.get("note") or "", case=case, prompt=row["prompt"],
                     policy_version=row.get("policy_version"), uid=uid, created=row.get("created"), source=source,
+                    ranked=len(traces) - below if below else None,
                 )
             elif {"prompt", "chosen", "rejected"} <= row.keys():
                 if row.get("ranking_uid") and str(row["ranking_uid"]) in existing_uids:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from .cases import Case
+from .degenerate import degenerate_reason
 from .generation import GenerationUpdate, SamplingConfig, Trace
 from .safety import check_safety
 from .verify import check_trace
@@ -37,6 +38,9 @@ class RejectionConfig:
     # reading the weights once per step whatever the number of rows: measured on
     # SmolLM2 (2 cores, lean decoder), 8 rows give 1.6x the tokens/s of 4 and 12 rows 2.1x.
     batch: int = 8
+    # rejected traces offered below the line, under every accepted one, as negatives
+    # (so a generation with a single correct conclusion still teaches); 0: none
+    negatives: int = 4
 
     def __post_init__(self) -> None:
         if not 2 <= self.k <= 16:
@@ -47,6 +51,8 @@ class RejectionConfig:
             raise ValueError(f"rationalise_budget must be >= 0, got {self.rationalise_budget}")
         if not 1 <= self.batch <= 64:
             raise ValueError(f"batch must be between 1 and 64 samples, got {self.batch}")
+        if not 0 <= self.negatives <= 16:
+            raise ValueError(f"negatives must be between 0 and 16 traces, got {self.negatives}")
 
 
 @dataclass
@@ -84,6 +90,7 @@ class SamplerEvent:
     report: SamplingReport
     samples_done: int  # finished samples, hinted included
     samples_planned: int  # the most samples this run can draw
+    negatives: list[Trace] = field(default_factory=list)  # rejected traces offered below the line
 
 
 @dataclass
@@ -91,6 +98,28 @@ class SamplerResult:
     accepted: list[Trace]
     all_traces: list[Trace]
     report: SamplingReport
+    negatives: list[Trace] = field(default_factory=list)
+
+
+# Rejected traces that make the most useful negatives first: a wrong conclusion
+# (the model committed to something else), then an unusable trace of the right
+# diagnosis, then anything else; un-hinted before rationalised.
+_NEGATIVE_ORDER = {"distractor": 0, "wrong_diagnosis": 0, "negated": 1, "multiple_diagnoses": 1}
+
+
+def pick_negatives(traces: list[Trace], n: int) -> list[Trace]:
+    """Up to ``n`` distinct rejected traces to place below the line, most useful first."""
+    if n <= 0:
+        return []
+    seen: set[str] = set()
+    rejected = []
+    for t in traces:
+        key = _dedup_key(t.text)
+        if t.verdict and not t.verdict["accepted"] and t.verdict["code"] not in ("duplicate", "empty") and key not in seen:
+            seen.add(key)
+            rejected.append(t)
+    rejected.sort(key=lambda t: (t.rationalised, _NEGATIVE_ORDER.get(t.verdict["code"], 2)))
+    return rejected[:n]
 
 
 def _dedup_key(text: str) -> str:
@@ -98,8 +127,14 @@ def _dedup_key(text: str) -> str:
 
 
 def annotate(trace: Trace, case: Case) -> Trace:
-    """Attach the verifier's verdict and the safety check to a trace."""
-    trace.verdict = check_trace(trace.text, case).to_dict()
+    """Attach the verifier's verdict and the safety check to a trace. A correct
+    conclusion without reasoning worth ranking (``degenerate``) is rejected."""
+    verdict = check_trace(trace.text, case).to_dict()
+    if verdict["accepted"]:
+        found = degenerate_reason(trace.text, verdict["diagnosis"], hinted=trace.rationalised)
+        if found:
+            verdict.update(accepted=False, code=found[0], reason=f"correct diagnosis, but {found[1]}")
+    trace.verdict = verdict
     trace.safety = check_safety(trace.text, case).to_dict()
     return trace
 
@@ -164,7 +199,8 @@ def sample_verified_stream(
     yield from run_phase(None, rejection.budget)
     if rejection.rationalise and len(accepted) < rejection.k:
         yield from run_phase(case.answer, rejection.rationalise_budget)
-    yield SamplerEvent("done", [], list(all_traces), list(accepted), report, len(all_traces), planned)
+    negatives = pick_negatives(all_traces, rejection.negatives)
+    yield SamplerEvent("done", [], list(all_traces), list(accepted), report, len(all_traces), planned, negatives)
 
 
 def sample_verified(generate: GenerateFn, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> SamplerResult:
@@ -172,4 +208,4 @@ def sample_verified(generate: GenerateFn, case: Case, sampling: SamplingConfig, 
     last = None
     for last in sample_verified_stream(generate, case, sampling, rejection):
         pass
-    return SamplerResult(last.accepted, last.traces, last.report)
+    return SamplerResult(last.accepted, last.traces, last.report, last.negatives)

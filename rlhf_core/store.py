@@ -66,7 +66,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from .cases import Case
 from .generation import Trace
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RANKING_STATUSES = ("pending", "applied", "recorded", "failed")
@@ -161,6 +161,15 @@ _MIGRATIONS: list[str] = [
         created         TEXT NOT NULL
     );
     CREATE INDEX checkpoints_by_workspace ON checkpoints(workspace, id);
+    """,
+    # 1 -> 2: the conclusion step (inserted tokens masked out of losses, how each trace
+    # concluded), rankings whose last positions are rejected traces tied below the line,
+    # and per-workspace settings (the conclusion mode)
+    """
+    ALTER TABLE traces ADD COLUMN loss_mask TEXT;
+    ALTER TABLE traces ADD COLUMN conclusion TEXT;
+    ALTER TABLE rankings ADD COLUMN ranked INTEGER;
+    ALTER TABLE workspaces ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
     """,
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -372,6 +381,23 @@ class Store:
             if cur.rowcount == 0:
                 raise ValueError(f"no workspace named {name!r}")
 
+    def workspace_settings(self, name: str) -> dict:
+        """The workspace's own settings (e.g. ``{"conclusion": "free"}``); {} when none."""
+        ws = self.workspace(name)
+        if ws is None:
+            raise ValueError(f"no workspace named {name!r}")
+        return _loads(ws.get("settings"), {}) or {}
+
+    def set_workspace_settings(self, name: str, **settings: Any) -> dict:
+        """Merge ``settings`` into the workspace's (JSON values); returns them all."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT settings FROM workspaces WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ValueError(f"no workspace named {name!r}")
+            merged = {**(_loads(row["settings"], {}) or {}), **settings}
+            conn.execute("UPDATE workspaces SET settings = ? WHERE name = ?", (json.dumps(merged), name))
+        return merged
+
     def workspace(self, name: str) -> dict | None:
         rows = self._query("SELECT * FROM workspaces WHERE name = ?", (name,))
         return dict(rows[0]) if rows else None
@@ -465,8 +491,8 @@ class Store:
         cur = conn.execute(
             """INSERT OR IGNORE INTO traces (workspace, trace_id, case_id, text, finish_reason, prompt_ids,
                  completion_ids, old_logps, ref_logps, verdict, safety, sampling, policy_version,
-                 rationalised, source, created)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                 rationalised, source, created, loss_mask, conclusion)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 workspace, t.trace_id, t.case_id, t.text, t.finish_reason,
                 _dumps(list(t.prompt_ids)) if has_tokens else None,
@@ -475,6 +501,8 @@ class Store:
                 _dumps(list(t.ref_logps)) if has_tokens else None,
                 _dumps(t.verdict), _dumps(t.safety), _dumps(t.sampling or {}),
                 t.policy_version, int(bool(t.rationalised)), source, now(),
+                _dumps(list(t.loss_mask)) if has_tokens and t.loss_mask and 0 in t.loss_mask else None,
+                _dumps(t.conclusion),
             ),
         )
         return cur.rowcount
@@ -495,11 +523,14 @@ class Store:
             trace_id=row["trace_id"],
             verdict=_loads(row["verdict"]),
             safety=_loads(row["safety"]),
+            loss_mask=_loads(row["loss_mask"], []),
+            conclusion=_loads(row["conclusion"]),
         )
 
     _LIGHT_COLUMNS = (
         "workspace, trace_id, case_id, text, finish_reason, NULL AS prompt_ids, NULL AS completion_ids, "
-        "NULL AS old_logps, NULL AS ref_logps, verdict, safety, sampling, policy_version, rationalised, source, created"
+        "NULL AS old_logps, NULL AS ref_logps, verdict, safety, sampling, policy_version, rationalised, source, created, "
+        "NULL AS loss_mask, conclusion"
     )
 
     def traces(self, workspace: str, case_id: str | None = None, light: bool = False) -> list[Trace]:
@@ -541,11 +572,14 @@ class Store:
         uid: str | None = None,
         created: str | None = None,
         source: str = "app",
+        ranked: int | None = None,
     ) -> int:
         """Store one ranking, committed (fsync'd) before this returns; returns its id.
 
         ``order`` lists indices into ``traces`` from best to worst and must use
-        every trace exactly once. ``comments`` maps trace ids (or indices into
+        every trace exactly once; with ``ranked`` only its first ``ranked``
+        positions are ordered, the rest are tied below them (rejected traces
+        below the line). ``comments`` maps trace ids (or indices into
         ``traces``) to text, or is a list aligned with ``traces``. The traces
         themselves (and ``case``) are stored too if they are not already.
         ``update_config`` (``{"algorithm": ..., **hyper-parameters}``) marks the
@@ -561,6 +595,8 @@ class Store:
         order = [int(i) for i in order]
         if sorted(order) != list(range(len(traces))):
             raise ValueError(f"the order {order} must list every one of the {len(traces)} traces exactly once")
+        if ranked is not None and not 1 <= int(ranked) < len(order):
+            raise ValueError(f"ranked must leave at least one trace above and one below the line, got {ranked} of {len(order)}")
         ids = [t.trace_id for t in traces]
         if len(set(ids)) != len(ids):
             raise ValueError("a ranking cannot contain the same trace twice")
@@ -595,13 +631,13 @@ class Store:
                 self._insert_trace(conn, workspace, t, source)
             cur = conn.execute(
                 """INSERT INTO rankings (uid, workspace, case_id, prompt, group_key, annotator, comments, note,
-                     policy_version, update_config, status, source, created)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                     policy_version, update_config, status, source, created, ranked)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     uid, workspace, case_id, _dumps(prompt), group_key(ids), annotator.strip(),
                     json.dumps(comment_map, ensure_ascii=False), note or "", policy_version,
                     _dumps(update_config), "pending" if update_config is not None else "recorded",
-                    source, created or now(),
+                    source, created or now(), None if ranked is None else int(ranked),
                 ),
             )
             ranking_id = int(cur.lastrowid)
@@ -643,6 +679,7 @@ class Store:
                     "prompt": _loads(r["prompt"]),
                     "trace_ids": [tid for _, tid, _ in ordered],  # best to worst
                     "input_indices": [ix for _, _, ix in ordered],
+                    "ranked": r["ranked"],  # None: all ordered; else the rest are tied below the line
                     "group_key": r["group_key"],
                     "annotator": r["annotator"],
                     "comments": _loads(r["comments"], {}),

@@ -96,31 +96,46 @@ def make_config(algorithm: str, **kwargs) -> DPOConfig | GRPOConfig:
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
 
 
-def check_ranking(ranking: list[int], n_traces: int) -> None:
-    """A ranking is a best-to-worst order of trace indices: no duplicates, no gaps."""
+def check_ranking(ranking: list[int], n_traces: int, ranked: int | None = None) -> None:
+    """A ranking is a best-to-worst order of trace indices: no duplicates, no gaps.
+    ``ranked``: only the first ``ranked`` positions are ordered; the rest are tied
+    below them (rejected traces below the line). None: all are ordered."""
     if len(ranking) < 2:
         raise ValueError("a ranking needs at least two traces")
     if sorted(ranking) != list(range(n_traces)):
         raise ValueError(
             f"the ranking {ranking} must order every one of the {n_traces} traces exactly once"
         )
+    if ranked is not None and not 1 <= ranked < len(ranking):
+        raise ValueError(f"ranked must leave at least one trace above and one below the line, got {ranked} of {len(ranking)}")
 
 
-def ranking_pairs(ranking: list[int]) -> tuple[list[int], list[int]]:
-    """(chosen, rejected) trace indices for every pair where chosen is ranked higher."""
+def rank_tiers(n: int, ranked: int | None = None) -> list[int]:
+    """Tier of each position: 0, 1, ... for the ordered positions, one shared tier
+    for the positions tied below the line (n=5, ranked=2: [0, 1, 2, 2, 2])."""
+    return [min(position, ranked) if ranked is not None else position for position in range(n)]
+
+
+def ranking_pairs(ranking: list[int], ranked: int | None = None) -> tuple[list[int], list[int]]:
+    """(chosen, rejected) trace indices for every pair where chosen is ranked higher
+    (traces tied below the line are not paired with each other)."""
+    tiers = rank_tiers(len(ranking), ranked)
     chosen, rejected = [], []
     for a, b in itertools.combinations(range(len(ranking)), 2):
-        chosen.append(ranking[a])
-        rejected.append(ranking[b])
+        if tiers[a] < tiers[b]:
+            chosen.append(ranking[a])
+            rejected.append(ranking[b])
     return chosen, rejected
 
 
-def rank_rewards(ranking: list[int]) -> list[float]:
-    """Reward per trace index, linear in rank: best 1.0, worst 0.0 (K=3: 1, 0.5, 0)."""
-    k = len(ranking)
-    rewards = [0.0] * k
+def rank_rewards(ranking: list[int], ranked: int | None = None) -> list[float]:
+    """Reward per trace index, linear in tier: best 1.0, worst 0.0 (K=3: 1, 0.5, 0;
+    traces tied below the line share the lowest reward)."""
+    tiers = rank_tiers(len(ranking), ranked)
+    top = max(tiers)
+    rewards = [0.0] * len(ranking)
     for position, index in enumerate(ranking):
-        rewards[index] = 1.0 - position / (k - 1)
+        rewards[index] = 1.0 - tiers[position] / top
     return rewards
 
 
@@ -202,32 +217,38 @@ class PolicyTrainer:
         ranking: list[int],
         config: DPOConfig | GRPOConfig,
         on_step: Callable[[dict], None] | None = None,
+        ranked: int | None = None,
     ) -> dict:
         """Run ``config.steps`` optimisation steps on one ranking of ``traces``.
 
-        ``ranking`` lists indices into ``traces`` from best to worst. Returns
-        metrics with TRL's names as plain floats; ``on_step`` receives each
-        step's metrics as it finishes.
+        ``ranking`` lists indices into ``traces`` from best to worst; with
+        ``ranked`` only its first ``ranked`` positions are ordered and the rest
+        are tied below them. Returns metrics with TRL's names as plain floats;
+        ``on_step`` receives each step's metrics as it finishes.
         """
-        check_ranking(ranking, len(traces))
+        check_ranking(ranking, len(traces), ranked)
         prompts = {tuple(t.prompt_ids) for t in traces}
         if len(prompts) != 1:
             raise ValueError("all ranked traces must answer the same prompt")
         lm = self.lm
         started = time.perf_counter()
-        batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], lm.tokenizer.pad_token_id, lm.device)
+        batch = collate(
+            traces[0].prompt_ids, [t.completion_ids for t in traces], lm.tokenizer.pad_token_id, lm.device,
+            loss_masks=[t.loss_mask for t in traces],
+        )
         t = batch.completion_ids.shape[1]
-        ref_logps = _padded([tr.ref_logps for tr in traces], t, lm.device)
-        old_logps = _padded([tr.old_logps for tr in traces], t, lm.device)
-        mask = batch.completion_mask
+        mask = batch.completion_mask  # 0 at padding and at inserted scaffold tokens
+        # stored log-probs cover every token; masked ones count nowhere (ratio 1, KL 0)
+        ref_logps = _padded([tr.ref_logps for tr in traces], t, lm.device) * mask
+        old_logps = _padded([tr.old_logps for tr in traces], t, lm.device) * mask
         optimizer = self._optimizer(config)
         params = lm.trainable_parameters
         recompute = use_activation_checkpointing(config, lm.device)
 
         if config.algorithm == "dpo":
-            chosen, rejected = (torch.tensor(ix, device=lm.device) for ix in ranking_pairs(ranking))
+            chosen, rejected = (torch.tensor(ix, device=lm.device) for ix in ranking_pairs(ranking, ranked))
         else:
-            rewards = torch.tensor(rank_rewards(ranking), device=lm.device)
+            rewards = torch.tensor(rank_rewards(ranking, ranked), device=lm.device)
             advantages = group_advantages(rewards)
 
         lm.model.train(True)

@@ -117,7 +117,10 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
     script_text = page.locator("#trace-text-1 textarea")
     expect(script_text).to_be_visible()
     expect(script_text).to_have_value(re.compile(re.escape("<script>window.__pwned=1</script>")))
-    page.get_by_text("Rejected traces (4)").click()
+    # the distractor trace waits below the line, under every rankable one; its duplicates are elsewhere
+    expect(page.locator("#below-the-line")).to_contain_text("Below the line")
+    expect(page.locator("#below-the-line")).to_contain_text("infectious mononucleosis")
+    page.get_by_text("Other rejected traces (3)").click()
     rejected = page.locator("#rejected-html details", has=page.locator("pre", has_text="<script>window.__pwned=1</script>")).first
     rejected.locator("summary").click()
     expect(rejected.locator("pre")).to_be_visible()  # the literal markup is shown as text
@@ -167,12 +170,13 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
     expect(page.locator("#agreement-table")).to_contain_text("Dr Second", timeout=TIMEOUT_MS)
     expect(page.locator("#agreement-summary")).to_contain_text("mean Kendall's tau +1.000")
     page.click("#export-trl")
-    expect(page.locator("#export-status")).to_contain_text("12 row(s) from workspace default", timeout=TIMEOUT_MS)
+    # two rankings of 4 traces above 1 below the line: C(4,2) + 4 = 10 pairs each
+    expect(page.locator("#export-status")).to_contain_text("20 row(s) from workspace default", timeout=TIMEOUT_MS)
     link = page.locator("#export-file a").first
     expect(link).to_be_visible(timeout=TIMEOUT_MS)
     download = page.request.get(link.get_attribute("href") if link.get_attribute("href").startswith("http")
                                 else app_url.rstrip("/") + link.get_attribute("href"))
-    assert download.ok and download.text().count("\n") == 12 and '"chosen"' in download.text()
+    assert download.ok and download.text().count("\n") == 20 and '"chosen"' in download.text()
     _screenshot(page, "data.png")
 
     # the Evaluate tab: a small A/B run in the engine queue fills the table

@@ -179,3 +179,38 @@ def test_downloads_and_cli(filled, tmp_path, capsys):
     assert main(["export", "--db", str(tmp_path / "missing.sqlite"), "--out", str(out)]) == 2
     assert main(["workspaces", "--db", db, "--json"]) == 0
     assert {w["name"] for w in json.loads(capsys.readouterr().out)} == {"default", "other", "copy"}
+
+
+def test_traces_below_the_line_export_tied_and_import_back_tied(tmp_path, case):
+    s = Store(tmp_path / "rlhf.sqlite")
+    s.ensure_workspace("default")
+    a = _t(case, "Pain moved to the RLQ.\nFinal diagnosis: acute appendicitis", "ta")
+    b = _t(case, "Rebound at McBurney's point.\nFinal diagnosis: appendicitis", "tb")
+    wrong = [_t(case, "Final diagnosis: mesenteric adenitis", "tw"), _t(case, "Final diagnosis: renal colic", "tx")]
+    for w in wrong:
+        w.verdict = {"accepted": False, "code": "distractor"}
+    s.record_ranking("default", [a, b, *wrong], [0, 1, 2, 3], "dr-a", case=case, uid="r1", ranked=2)
+    s.record_ranking("default", [a, b, *wrong], [1, 0, 3, 2], "dr-b", case=case, uid="r2", ranked=2)
+    [rec, _] = [json.loads(line) for line in _export_lines(s, "rankings", tmp_path)]
+    assert [(t["trace_id"], t["rank"], t["below_the_line"]) for t in rec["traces"]] == [
+        ("ta", 1, False), ("tb", 2, False), ("tw", 3, True), ("tx", 3, True)]
+    pairs = [json.loads(line) for line in _export_lines(s, "trl", tmp_path)]
+    assert {(p["chosen_trace_id"], p["rejected_trace_id"]) for p in pairs if p["ranking_uid"] == "r1"} == {
+        ("ta", "tb"), ("ta", "tw"), ("ta", "tx"), ("tb", "tw"), ("tb", "tx")}  # the tied two are never paired
+    # agreement compares the traces each annotator ordered, not the tie below the line
+    [row] = agreement(s)
+    assert row["pairs"][0]["tau"] == -1.0
+    for fmt in ("rankings", "trl"):  # both formats come back with the same line
+        other = Store(tmp_path / f"{fmt}.sqlite")
+        path = tmp_path / f"{fmt}-export.jsonl"
+        export(s, fmt, path)
+        import_file(other, path)
+        assert sorted(r["ranked"] for r in other.rankings("default")) == [2, 2], fmt
+        other.close()
+    s.close()
+
+
+def _export_lines(store, fmt, tmp_path):
+    path = tmp_path / f"{fmt}.jsonl"
+    export(store, fmt, path)
+    return path.read_text().splitlines()

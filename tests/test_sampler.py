@@ -3,11 +3,14 @@ import pytest
 from rlhf_core.generation import GenerationUpdate, SamplingConfig, Trace, sample_stream
 from rlhf_core.sampler import RejectionConfig, sample_verified, sample_verified_stream
 
-RIGHT = "Fever and RLQ pain with rebound.\nFinal diagnosis: acute appendicitis"
-RIGHT_2 = "Migratory pain to McBurney's point.\nFinal diagnosis: appendicitis"
-RIGHT_3 = "Classic history and leukocytosis.\n**Final diagnosis:** Acute appendicitis."
-WRONG = "Could be lymph nodes.\nFinal diagnosis: mesenteric adenitis"
+WHY = "The history, the examination and the blood tests together point one way, and the timing fits. "
+RIGHT = WHY + "Fever and RLQ pain with rebound.\nFinal diagnosis: acute appendicitis"
+RIGHT_2 = WHY + "Migratory pain to McBurney's point.\nFinal diagnosis: appendicitis"
+RIGHT_3 = WHY + "Classic history and leukocytosis.\n**Final diagnosis:** Acute appendicitis."
+WRONG = WHY + "Could be lymph nodes.\nFinal diagnosis: mesenteric adenitis"
 NONE = "The patient needs imaging."
+TERSE = "RLQ pain.\nFinal diagnosis: acute appendicitis"  # the right answer without reasoning
+LOOP = "The pain is in the right lower quadrant. " * 4 + "\nFinal diagnosis: acute appendicitis"
 
 
 class ScriptedGenerator:
@@ -100,3 +103,34 @@ def test_samples_are_decoded_in_batches_of_max_k_batch_within_the_budget(case):
     assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2, RIGHT_3]
     with pytest.raises(ValueError, match="batch must be between 1 and 64"):
         RejectionConfig(batch=0)
+
+
+def test_correct_conclusions_without_reasoning_worth_ranking_are_rejected(case):
+    gen = ScriptedGenerator([[TERSE, LOOP, RIGHT, WRONG]])
+    result = sample_verified(gen, case, SamplingConfig(k=4, seed=1), RejectionConfig(k=2, budget=4, rationalise=False))
+    codes = [t.verdict["code"] for t in result.all_traces]
+    assert codes == ["no_reasoning", "repetition", "accepted", "distractor"]
+    assert "correct diagnosis, but" in result.all_traces[0].verdict["reason"]
+    assert [t.text for t in result.accepted] == [RIGHT]
+
+
+def test_rationalised_traces_that_restate_the_hint_are_rejected(case):
+    hinted = WHY + "As the hint says, the correct diagnosis is acute appendicitis.\nFinal diagnosis: acute appendicitis"
+    gen = ScriptedGenerator([[NONE] * 4], hinted_batches=[[hinted, RIGHT, RIGHT_2, TERSE]])
+    result = sample_verified(gen, case, SamplingConfig(k=4, seed=1), RejectionConfig(k=2, budget=4, rationalise_budget=4))
+    hint_trace = next(t for t in result.all_traces if t.text == hinted)
+    assert hint_trace.verdict["code"] == "restates_hint"
+    assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2]
+
+
+def test_rejected_traces_are_offered_below_the_line_most_useful_first(case):
+    gen = ScriptedGenerator([[NONE, WRONG, RIGHT, NONE, TERSE, WRONG + " "]])
+    result = sample_verified(gen, case, SamplingConfig(k=6, seed=1),
+                             RejectionConfig(k=2, budget=6, rationalise=False, negatives=3))
+    assert [t.text for t in result.accepted] == [RIGHT]
+    # a wrong conclusion first; duplicates of each other (by text) only once
+    assert [t.verdict["code"] for t in result.negatives] == ["distractor", "no_conclusion", "no_reasoning"]
+    assert all(not t.verdict["accepted"] for t in result.negatives)
+    none = sample_verified(ScriptedGenerator([[NONE, WRONG, RIGHT]]), case, SamplingConfig(k=3, seed=1),
+                           RejectionConfig(k=2, budget=3, rationalise=False, negatives=0))
+    assert none.negatives == []

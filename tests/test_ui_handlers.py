@@ -19,7 +19,7 @@ import zipfile
 import pytest
 
 import ui_scenario as sc
-from ui import case_panel, charts, data_tab, eval_tab, generate_tab, metrics_panel, model_tab, rank_tab
+from ui import batch as batch_module, case_panel, charts, data_tab, eval_tab, generate_tab, metrics_panel, model_tab, rank_tab
 from ui.ranking import RankingError, validate_order
 from ui.state import ControlRoom, new_session
 
@@ -46,10 +46,11 @@ def generate(room, session=None, k=4, case_id=sc.CASE.id):
     return outs, outs[-1]["session"]
 
 
-def submit(room, session, annotator="Dr Ada", algorithm="DPO", steps=2, comments=()):
+def submit(room, session, annotator="Dr Ada", algorithm="DPO", steps=2, comments=(), negatives=False):
+    """The update button; ``negatives``: the "train on the traces below the line" box."""
     beta = rank_tab.DEFAULTS[rank_tab.ALGORITHMS[algorithm]].beta
     comments = list(comments) + [""] * (8 - len(comments))
-    return list(rank_tab.submit(room, session, annotator, algorithm, beta, room.default_lr(), steps, "", *comments))
+    return list(rank_tab.submit(room, session, annotator, algorithm, beta, room.default_lr(), steps, "", negatives, *comments))
 
 
 def by_text(batch, text):
@@ -63,7 +64,8 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
     batch = session["batch"]
     texts = [t["text"] for t in batch["traces"]]
     assert texts == [sc.SAFE, sc.SCRIPTED, sc.HARD, sc.FOURTH]
-    assert [t["verdict"]["code"] for t in batch["rejected"]] == ["distractor", "duplicate", "duplicate", "duplicate"]
+    assert [t["verdict"]["code"] for t in batch["negatives"]] == ["distractor"]  # below the line
+    assert [t["verdict"]["code"] for t in batch["rejected"]] == ["duplicate", "duplicate", "duplicate"]
     assert batch["order"][-1] == by_text(batch, sc.HARD), "a hard-safety trace starts at the bottom"
     assert batch["acceptance_rate"] == pytest.approx(0.5)
     final = outs[-1]
@@ -74,10 +76,40 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
         if isinstance(value, str) and key != "card1_text":
             assert "<script" not in value and "<img" not in value, key
     assert "&lt;script&gt;" in final["rejected_html"]  # its duplicates were rejected: escaped there
+    assert "Below the line" in final["below_html"] and "infectious mononucleosis" in final["below_html"]
     assert len(final["ranking"]["choices"]) == 4 and final["ranking"]["interactive"]
     assert room.metrics("generation")[-1]["acceptance_rate"] == pytest.approx(0.5)
     assert len(final["chart_acceptance"].data) == 1  # the acceptance chart got its point
     assert room.store.count("traces", "default") == 8  # every trace drawn is stored, rejected ones too
+
+
+def test_rejected_traces_below_the_line_train_under_every_ranked_one(room):
+    _, session = generate(room, k=3)
+    batch = session["batch"]
+    [below] = batch["negatives"]
+    assert below["text"] == sc.WRONG and below["trace_id"] not in batch["order"]  # never in the rankable list
+    final = submit(room, session, negatives=True)[-1]
+    assert room.version == 1 and "1 rejected trace(s) trained below the line" in final["update_status"]
+    [stored] = room.store.rankings("default")
+    assert stored["ranked"] == 3 and stored["trace_ids"][-1] == below["trace_id"]
+    assert room.metrics("update")[-1]["below_the_line"] == 1
+    # a forged "negative" that passed the verifier is refused: it belongs above the line
+    _, session = generate(room, k=3)
+    forged = {**session, "batch": {**session["batch"], "negatives": [session["batch"]["traces"][0]]}}
+    out = submit(room, forged, negatives=True)
+    assert "belongs above the line" in out[-1]["_warning"] and room.version == 1
+
+
+def test_one_accepted_trace_with_negatives_below_the_line_is_enough_to_update(room):
+    _, session = generate(room, k=3)
+    batch = session["batch"]
+    one = {**batch, "traces": batch["traces"][:1], "order": batch["order"][:1]}
+    one["order"] = [one["traces"][0]["trace_id"]]
+    view = batch_module.ranking_view(one)
+    assert "trains it above the 1 rejected" in view["rank_message"]
+    assert submit(room, {**session, "batch": one}, negatives=False)[-1].get("_warning")  # alone it cannot be ranked
+    final = submit(room, {**session, "batch": one}, negatives=True)[-1]
+    assert room.version == 1 and "_warning" not in final
 
 
 def test_generate_needs_a_case_and_valid_settings(room):
@@ -335,11 +367,13 @@ def test_real_sampling_on_tiny_random_reports_a_shortfall(tmp_path):
                        checkpoint_dir=tmp_path / "ckpt", db_path=tmp_path / "rlhf.sqlite")
     outs = list(generate_tab.generate(room, new_session(), sc.OTHER.id, 2, 16, 0.8, 2, False))
     final = outs[-1]
-    assert final["session"]["batch"]["traces"] == [] and len(final["session"]["batch"]["rejected"]) == 2
+    batch = final["session"]["batch"]
+    assert batch["traces"] == [] and len(batch["negatives"]) + len(batch["rejected"]) == 2
     assert "Only 0 trace(s) passed" in final["rank_message"] and not final["ranking"]["interactive"]
     assert "0 rankable of 2 sampled" in final["gen_progress"]
-    refused = submit(room, final["session"])
-    assert "At least two" in refused[-1]["_warning"]
+    for negatives in (False, True):  # rejected traces alone are never a ranking
+        refused = submit(room, final["session"], negatives=negatives)
+        assert "nothing to rank above the line" in refused[-1]["_warning"]
     assert room.store.count("traces", "default") == 2  # rejected traces are stored too
 
 
@@ -361,14 +395,14 @@ def test_a_ranking_is_committed_before_its_update_runs(room, tmp_path, monkeypat
     seen = []
     train = room.engine.trainer.update
 
-    def spying_update(traces, ranking, config, on_step=None):
+    def spying_update(traces, ranking, config, on_step=None, ranked=None):
         def on_step_seeing_the_db(m):
             if not seen:
                 seen.append((_db_rows(db, "SELECT annotator, status FROM rankings"),
                              _db_rows(db, "SELECT COUNT(*) FROM updates")[0][0]))
             on_step(m)
 
-        return train(traces, ranking, config, on_step=on_step_seeing_the_db)
+        return train(traces, ranking, config, on_step=on_step_seeing_the_db, ranked=ranked)
 
     monkeypatch.setattr(room.engine.trainer, "update", spying_update)
     submit(room, session, annotator="Dr Ada")
@@ -446,7 +480,7 @@ def _record_second_opinion(room):
     """Dr A records an order without training, Dr B reorders and updates: the same traces, two rankings."""
     _, session = generate(room, k=3)
     batch = session["batch"]
-    out = rank_tab.record_only(room, session, "Dr A")
+    out = rank_tab.record_only(room, session, "Dr A", False)
     assert "Ranking by Dr A recorded" in out["update_status"] and room.version == 0
     assert out["ranking"]["interactive"] and "Dr A" in out["rank_message"]
     safe = by_text(batch, sc.SAFE)
@@ -465,11 +499,11 @@ def test_agreement_appears_after_two_annotators_rank_the_same_group(room):
     assert row[3] == "Dr A vs Dr B: +0.33" and row[4] == pytest.approx(1 / 3, abs=1e-3)  # one of three pairs swapped
     assert "1 trace group(s)" in view["agreement_summary"] and "+0.333" in view["agreement_summary"]
     # after the update a third clinician can still give a second opinion on the same traces
-    out = rank_tab.record_only(room, session, "Dr C")
+    out = rank_tab.record_only(room, session, "Dr C", False)
     assert "recorded" in out["update_status"] and room.version == 1
     [row] = data_tab.data_view(room)["agreement_table"]
     assert row[1] == "Dr A, Dr B, Dr C" and row[3].count("vs") == 3
-    assert "Enter your name" in rank_tab.record_only(room, session, " ")["_warning"]
+    assert "Enter your name" in rank_tab.record_only(room, session, " ", False)["_warning"]
 
 
 def test_exports_download_and_load_with_datasets(room, tmp_path):
@@ -538,7 +572,7 @@ def test_without_a_database_history_lives_in_memory(memory_room):
     final = submit(room, session)[-1]
     assert room.version == 1 and len(room.metrics("update")) == 1 and len(room.unsaved) == 1
     assert "stored as ranking" not in final["update_status"] and not final["ranking"]["interactive"]
-    assert "without a database" in rank_tab.record_only(room, session, "Dr A")["_warning"]
+    assert "without a database" in rank_tab.record_only(room, session, "Dr A", False)["_warning"]
     assert "without a database" in data_tab.data_view(room)["data_info"]
     assert "Could not export" in data_tab.export_data(room, "trl", False, False)["export_status"]
     assert zipfile.is_zipfile(data_tab.export_checkpoint(room)["export_file"])

@@ -13,6 +13,12 @@ def traces(tiny_lm, case):
     return sample_traces(tiny_lm, case, SamplingConfig(k=4, max_new_tokens=16, seed=21, temperature=1.5))
 
 
+def counted(trace):
+    """A trace's log-prob summed over the tokens that count (not inserted scaffold)."""
+    mask = trace.loss_mask or [1] * len(trace.old_logps)
+    return sum(lp for lp, m in zip(trace.old_logps, mask) if m)
+
+
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -25,6 +31,29 @@ def test_ranking_pairs_and_rewards():
         check_ranking([0, 0, 1], 3)
     with pytest.raises(ValueError, match="exactly once"):
         check_ranking([0, 2], 3)
+
+
+def test_traces_below_the_line_are_tied_under_every_ranked_one():
+    # two ranked traces (2 best, then 0), then 1 and 3 tied below the line
+    chosen, rejected = ranking_pairs([2, 0, 1, 3], ranked=2)
+    assert sorted(zip(chosen, rejected)) == sorted([(2, 0), (2, 1), (2, 3), (0, 1), (0, 3)])  # never (1, 3)
+    assert rank_rewards([2, 0, 1, 3], ranked=2) == [0.5, 0.0, 1.0, 0.0]
+    assert rank_rewards([1, 0, 2], ranked=1) == [0.0, 1.0, 0.0]  # one correct trace above two negatives
+    assert ranking_pairs([1, 0, 2], ranked=1) == ([1, 1], [0, 2])
+    assert ranking_pairs([2, 0, 1], ranked=None) == ranking_pairs([2, 0, 1])
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="above and one below"):
+            check_ranking([0, 1, 2], 3, ranked=bad)
+
+
+def test_an_update_with_negatives_below_the_line_trains_on_their_pairs_only(tiny_lm, traces):
+    trainer = PolicyTrainer(tiny_lm)
+    m = trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=1, lr=1e-3), ranked=1)
+    # one trace above three: three pairs, all with trace 0 chosen
+    assert m["logps/chosen"] == pytest.approx(counted(traces[0]), abs=1e-3)
+    assert m["logps/rejected"] == pytest.approx(sum(counted(t) for t in traces[1:]) / 3, abs=1e-3)
+    g = trainer.update(traces, [0, 1, 2, 3], GRPOConfig(steps=1, lr=1e-3), ranked=1)
+    assert g["reward"] == pytest.approx(0.25)  # rewards 1, 0, 0, 0
 
 
 def test_first_dpo_step_has_loss_ln2_and_zero_rewards(tiny_lm, traces):

@@ -41,10 +41,11 @@ SAFE = ("Exudate, fever, tender nodes and no cough give a Centor score of 4 and 
         "Avoid penicillins given the allergy; azithromycin is an option.\nFinal diagnosis: streptococcal pharyngitis")
 SCRIPTED = (f"{XSS} Tonsillar exudate with fever and a positive rapid antigen test.\n"
             "Final diagnosis: streptococcal pharyngitis")
-HARD = "Treat with amoxicillin 500 mg twice daily for 10 days.\nFinal diagnosis: streptococcal pharyngitis"
+HARD = ("Exudate, fever and a positive rapid test make this bacterial. Treat with amoxicillin 500 mg twice daily "
+        "for 10 days.\nFinal diagnosis: streptococcal pharyngitis")
 WRONG = "Exudative tonsillitis in a child may be EBV; a monospot test would help.\nFinal diagnosis: infectious mononucleosis"
-FOURTH = ("Group A streptococcus is confirmed by the rapid test; clindamycin suits the allergic child.\n"
-          "Final diagnosis: streptococcal pharyngitis")
+FOURTH = ("Group A streptococcus is confirmed by the rapid antigen test; oral clindamycin suits the "
+          "penicillin-allergic child.\nFinal diagnosis: streptococcal pharyngitis")
 
 # Batch 1: SAFE, SCRIPTED, HARD accepted, WRONG rejected. Batch 2: FOURTH accepted, the rest duplicates.
 STREP_TEXTS = [SAFE, SCRIPTED, HARD, WRONG, FOURTH]
@@ -53,11 +54,12 @@ STREP_TEXTS = [SAFE, SCRIPTED, HARD, WRONG, FOURTH]
 def script(case: Case, hint: str | None) -> list[str]:
     if case.id == CASE.id:
         return STREP_TEXTS
+    why = "The history, the examination and the tests point to one cause. "
     return [
-        f"Migratory pain with rebound tenderness.\nFinal diagnosis: {case.answer}",
-        f"Fever and leukocytosis support it.\nFinal diagnosis: {case.answer}",
-        f"Imaging would confirm; surgery should be consulted urgently.\nFinal diagnosis: {case.answer}",
-        f"Could be lymph nodes.\nFinal diagnosis: {(case.distractors or ['gastroenteritis'])[0]}",
+        f"{why}Migratory pain with rebound tenderness.\nFinal diagnosis: {case.answer}",
+        f"{why}Fever and leukocytosis support it.\nFinal diagnosis: {case.answer}",
+        f"{why}Imaging would confirm; surgery should be consulted urgently.\nFinal diagnosis: {case.answer}",
+        f"{why}Could be lymph nodes.\nFinal diagnosis: {(case.distractors or ['gastroenteritis'])[0]}",
     ]
 
 

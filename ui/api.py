@@ -37,32 +37,38 @@ def api_cases(room, specialty: str = "") -> list[dict]:
             for c in room.cases.values() if not specialty or c.specialty == specialty]
 
 
-def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = 192, temperature: float = 0.8,
-                 budget: int = RejectionConfig().budget, rationalise: bool = True) -> dict:
+def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingConfig.max_new_tokens,
+                 temperature: float = 0.8, budget: int = RejectionConfig().budget, rationalise: bool = True,
+                 conclusion: str | None = None, negatives: int = RejectionConfig().negatives) -> dict:
     if case_id not in room.cases:
         raise gr.Error(f"unknown case {case_id!r}; see /cases")
     try:
-        sampling = SamplingConfig(k=int(k), max_new_tokens=int(max_new_tokens), temperature=float(temperature))
-        rejection = RejectionConfig(k=int(k), budget=max(int(budget), int(k)), rationalise=bool(rationalise))
+        sampling = SamplingConfig(k=int(k), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                  conclusion=room.conclusion_mode(conclusion or None))
+        rejection = RejectionConfig(k=int(k), budget=max(int(budget), int(k)), rationalise=bool(rationalise),
+                                    negatives=int(negatives))
     except ValueError as err:
         raise gr.Error(str(err)) from err
     last = None
     for last in room.sample(room.case(case_id), sampling, rejection):
         pass
     accepted = [t.to_dict() for t in last.accepted]
-    batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate, getattr(last, "generation_id", None))
-    accepted_ids = {t["trace_id"] for t in accepted}
+    below = [t.to_dict() for t in last.negatives]
+    batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate, getattr(last, "generation_id", None),
+                                   negatives=below)
+    shown = {t["trace_id"] for t in accepted + below}
     return {
         "batch_id": batch_id, "case_id": case_id, "policy_version": room.version,
         "traces": [trace_summary(t) for t in accepted],
-        "rejected": [trace_summary(t.to_dict()) for t in last.traces if t.trace_id not in accepted_ids],
+        "below_the_line": [trace_summary(t) for t in below],
+        "rejected": [trace_summary(t.to_dict()) for t in last.traces if t.trace_id not in shown],
         "report": last.report.to_dict(),
     }
 
 
 def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, algorithm: str = "dpo",
                     comments: dict | None = None, beta: float | None = None, lr: float | None = None,
-                    steps: int = 2, loss_type: str | None = None) -> dict:
+                    steps: int = 2, loss_type: str | None = None, negatives: bool = True) -> dict:
     try:
         batch = room.batch(batch_id)
     except KeyError as err:
@@ -80,7 +86,8 @@ def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, alg
         final = None
         for final in room.update(batch["traces"], list(ranking), config, annotator=annotator, model_key=batch["model_key"],
                                  comments=dict(comments or {}), acceptance_rate=batch["acceptance_rate"],
-                                 generation_id=batch.get("generation_id")):
+                                 generation_id=batch.get("generation_id"),
+                                 negatives=(batch.get("negatives") or []) if negatives else []):
             pass
     except (RankingError, ValueError) as err:
         raise gr.Error(str(err)) from err
@@ -101,18 +108,23 @@ def build_api(room) -> None:
         """The case library: id, specialty, difficulty and question of each case."""
         return api_cases(room, specialty)
 
-    def generate(case_id: str, k: int = 4, max_new_tokens: int = 192, temperature: float = 0.8,
-                 budget: int = RejectionConfig().budget, rationalise: bool = True) -> dict:
+    def generate(case_id: str, k: int = 4, max_new_tokens: int = SamplingConfig.max_new_tokens, temperature: float = 0.8,
+                 budget: int = RejectionConfig().budget, rationalise: bool = True, conclusion: str = "",
+                 negatives: int = RejectionConfig().negatives) -> dict:
         """Rejection-sample K verified traces for a case. Returns batch_id, the rankable traces
-        (trace_id, text, verdict, safety, can_rank_first), the rejected ones and the sampling report."""
-        return api_generate(room, case_id, k, max_new_tokens, temperature, budget, rationalise)
+        (trace_id, text, verdict, safety, can_rank_first), the rejected ones offered below the line,
+        the other rejected ones and the sampling report. ``conclusion``: "constrained" or "free"
+        (empty: the workspace's setting)."""
+        return api_generate(room, case_id, k, max_new_tokens, temperature, budget, rationalise, conclusion, negatives)
 
     def rank_update(batch_id: str, ranking: list[str], annotator: str, algorithm: str = "dpo",
                     comments: dict | None = None, beta: float | None = None, lr: float | None = None,
-                    steps: int = 2, loss_type: str | None = None) -> dict:
+                    steps: int = 2, loss_type: str | None = None, negatives: bool = True) -> dict:
         """Rank a generated batch (every accepted trace id, best first) and update the policy with
-        DPO or GRPO. Returns the update's metrics (loss, kl, rewards, version, ...)."""
-        return api_rank_update(room, batch_id, ranking, annotator, algorithm, comments, beta, lr, steps, loss_type)
+        DPO or GRPO; with ``negatives`` the batch's rejected traces below the line are trained as
+        worse than every ranked one. Returns the update's metrics (loss, kl, rewards, version, ...)."""
+        return api_rank_update(room, batch_id, ranking, annotator, algorithm, comments, beta, lr, steps, loss_type,
+                               negatives)
 
     def metrics() -> dict:
         """The metrics history of this app (generations, steps, updates) and the model's state."""

@@ -33,14 +33,18 @@ def engine_backend(engine, case: Case, config: SamplingConfig, hint: str | None 
 
 
 def default_script(case: Case, hint: str | None) -> list[str]:
-    """Plausible traces for any case: three reach the answer, one does not."""
+    """Plausible traces for any case: three reach the answer, one does not (each
+    with enough reasoning before its conclusion to pass the degenerate filter)."""
     wrong = case.distractors[0] if case.distractors else "viral syndrome"
     return [
-        f"The findings point to one unifying process.\nFinal diagnosis: {case.answer}",
-        f"Key features fit {case.answer}; the alternatives explain less.\nFinal diagnosis: {case.answer}",
-        f"Considering the differential, {wrong} is less likely than the leading option.\n"
-        f"Final diagnosis: {case.answer}",
-        f"The presentation is most typical of {wrong}.\nFinal diagnosis: {wrong}",
+        "Key findings: the history, the examination and the tests all point to one unifying process that "
+        f"explains every abnormal result.\nFinal diagnosis: {case.answer}",
+        f"Key features fit {case.answer} closely; the alternatives in the differential explain less of the "
+        f"picture and leave findings unexplained.\nFinal diagnosis: {case.answer}",
+        f"Considering the differential, {wrong} is less likely than the leading option because it does not "
+        f"account for the key findings here.\nFinal diagnosis: {case.answer}",
+        f"The presentation, taken as a whole, is most typical of {wrong}, which would also explain the timing "
+        f"and the examination findings.\nFinal diagnosis: {wrong}",
     ]
 
 

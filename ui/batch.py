@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .ranking import can_rank_first, initial_order, letter
-from .views import esc, live_header, rejected_html, status_html, trace_header
+from .views import below_the_line_html, esc, live_header, rejected_html, status_html, trace_header
 
 MAX_CARDS = 8  # trace-card slots on the page (the most traces one can rank at once)
 SLIM_KEYS = ("trace_id", "text", "verdict", "safety", "rationalised", "policy_version", "completion_ids")
@@ -17,11 +17,15 @@ def slim(trace: dict) -> dict:
 
 
 def new_batch(case_id: str, accepted: list[dict], rejected: list[dict], model_key: str, report: dict, version: int,
-              generation_id: str | None = None, second_opinions: bool = False) -> dict:
+              generation_id: str | None = None, second_opinions: bool = False, negatives: list[dict] | None = None) -> dict:
     """A session's batch. ``second_opinions``: rankings can be recorded without an update
-    (the app has a database), also after the batch was submitted for an update."""
+    (the app has a database), also after the batch was submitted for an update.
+    ``negatives``: rejected traces (whole, they are trained on) offered below the line."""
+    negatives = list(negatives or [])
+    below = {t["trace_id"] for t in negatives}
     return {
-        "case_id": case_id, "traces": accepted, "rejected": [slim(t) for t in rejected],
+        "case_id": case_id, "traces": accepted, "negatives": negatives,
+        "rejected": [slim(t) for t in rejected if t["trace_id"] not in below],
         "order": initial_order(accepted), "model_key": model_key, "report": report,
         "acceptance_rate": report.get("acceptance_rate"), "version": version, "submitted": False,
         "generation_id": generation_id, "second_opinions": bool(second_opinions), "recorded": [],
@@ -66,8 +70,9 @@ def cards_view(batch: dict | None, reset_comments: bool = False) -> dict:
         trace = traces[i] if i < len(traces) else None
         out.update(card_view(i, trace, position=pos.get(trace["trace_id"]) if trace else None, reset_comment=reset_comments))
     rejected = (batch or {}).get("rejected") or []
-    out["rejected_acc"] = gr.update(label=f"Rejected traces ({len(rejected)}) — shown for context, cannot be ranked")
+    out["rejected_acc"] = gr.update(label=f"Other rejected traces ({len(rejected)}) — shown for context, not trained on")
     out["rejected_html"] = rejected_html(rejected)
+    out["below_html"] = below_the_line_html((batch or {}).get("negatives") or [])
     return out
 
 
@@ -118,9 +123,14 @@ def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
                     "rank_message": message}
         message = status_html(f"{done} Generate new traces to rank again.", "ok")
         return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
-    if len(traces) < 2:
-        message = status_html(f"Only {len(traces)} trace(s) passed the verifier; ranking needs at least 2. "
-                              "Generate again (a larger sample budget helps).", "warn")
+    below = len(batch.get("negatives") or [])
+    if not traces or len(traces) + below < 2:
+        message = status_html(f"Only {len(traces)} trace(s) passed the verifier and none is below the line; ranking "
+                              "needs at least 2. Generate again (a larger sample budget helps).", "warn")
+        return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
+    if len(traces) == 1:
+        message = status_html(f"One trace passed the verifier: submitting trains it above the {below} rejected "
+                              "trace(s) below the line." + recorded_note(batch), "info")
         return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
     if not any(can_rank_first(t) for t in traces):
         message = status_html("Every accepted trace has a hard safety violation, so none can be ranked first. Generate again.", "error")
@@ -143,4 +153,5 @@ def traces_title(batch: dict | None) -> str:
         return '<div class="cr-section-title">Traces</div>'
     return (f'<div class="cr-section-title">Traces for {esc(batch["case_id"])} '
             f'<span class="cr-muted">sampled at policy v{esc(batch["version"])} · '
-            f'{len(batch["traces"])} rankable · {len(batch["rejected"])} rejected</span></div>')
+            f'{len(batch["traces"])} rankable · {len(batch.get("negatives") or [])} below the line · '
+            f'{len(batch["rejected"])} other rejected</span></div>')

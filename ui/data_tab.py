@@ -296,7 +296,7 @@ def bind_data_tab(room, ui: dict) -> None:
                 [*confirm, "workspace_status"])
     light_event(ui["workspace_cancel"].click, cancel_workspace_switch, room, ui, ["session"], confirm)
     switched = ["session", "workspace_confirm_panel", "workspace_status", *DATA_OUTPUTS, "header", "model_info", "table",
-                *CHART_OUTPUTS, *CARD_OUTPUTS, "ranking", "rank_message", "rejected_acc", "rejected_html", "traces_title"]
+                *CHART_OUTPUTS, *CARD_OUTPUTS, "ranking", "rank_message", "traces_title"]
     engine_event(ui["workspace_confirm"].click, confirm_workspace_switch, room, ui, ["session"], switched)
     options = ["export_exclude_rationalised", "export_all_workspaces"]
     for key in EXPORTS:  # exports read the database only

@@ -13,11 +13,18 @@ from .ranking import letter
 from .views import progress_html, status_html
 from .wiring import engine_event
 
-CARD_OUTPUTS = [f"card{i}{part}" for i in range(MAX_CARDS) for part in ("", "_head", "_text", "_comment")]
+# everything cards_view returns: the card slots, the below-the-line panel, the other rejected traces
+CARD_OUTPUTS = [f"card{i}{part}" for i in range(MAX_CARDS) for part in ("", "_head", "_text", "_comment")] + [
+    "below_html", "rejected_acc", "rejected_html"]
 CHART_OUTPUTS = [f"chart_{name}" for name in CHARTS]
-OUTPUTS = ["session", "gen_progress", "traces_title", "rejected_acc", "rejected_html", "ranking", "rank_message",
+OUTPUTS = ["session", "gen_progress", "traces_title", "ranking", "rank_message",
            *CARD_OUTPUTS, "header", "table", *CHART_OUTPUTS]
 DEFAULTS = SamplingConfig()
+REJECTION = RejectionConfig()
+CONCLUSION_LABELS = {
+    "constrained": "Chosen by the model among the case's candidates",
+    "free": "Written freely by the model",
+}
 
 
 def _event_progress(ev, k: int) -> str:
@@ -29,15 +36,18 @@ def _event_progress(ev, k: int) -> str:
 
 
 def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: int, temperature: float,
-             budget: int, rationalise: bool):
+             budget: int, rationalise: bool, conclusion: str | None = None, negatives: int = REJECTION.negatives):
     """Stream a rejection-sampling run into the cards; the last yield holds the rankable batch."""
     if not case_id or case_id not in room.cases:
         yield {"gen_progress": status_html("Pick a case first.", "warn"), "_warning": "Pick a case first."}
         return
     try:
         k = int(k)
-        sampling = SamplingConfig(k=k, max_new_tokens=int(max_new_tokens), temperature=float(temperature))
-        rejection = RejectionConfig(k=k, budget=max(int(budget), k), rationalise=bool(rationalise))
+        mode = {label: key for key, label in CONCLUSION_LABELS.items()}.get(conclusion, conclusion)
+        sampling = SamplingConfig(k=k, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                  conclusion=room.conclusion_mode(mode))
+        rejection = RejectionConfig(k=k, budget=max(int(budget), k), rationalise=bool(rationalise),
+                                    negatives=int(negatives))
     except (TypeError, ValueError) as err:
         yield {"gen_progress": status_html(f"Invalid sampling settings: {err}", "error"), "_warning": str(err)}
         return
@@ -61,14 +71,22 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
     batch = new_batch(case.id, [t.to_dict() for t in last.accepted],
                       [t.to_dict() for t in last.traces if t.trace_id not in accepted_ids],
                       model_key, last.report.to_dict(), version,
-                      generation_id=getattr(last, "generation_id", None), second_opinions=room.has_store)
+                      generation_id=getattr(last, "generation_id", None), second_opinions=room.has_store,
+                      negatives=[t.to_dict() for t in last.negatives])
     report = last.report
+    below = f" · {len(batch['negatives'])} rejected below the line" if batch["negatives"] else ""
     done = progress_html(
         "Done", 1,
         f"{len(batch['traces'])} rankable of {report.sampled} sampled (acceptance {report.acceptance_rate:.0%})"
-        + (f" + {report.rationalised_sampled} rationalised attempts" if report.rationalised_sampled else ""), "done")
+        + (f" + {report.rationalised_sampled} rationalised attempts" if report.rationalised_sampled else "") + below,
+        "done")
     yield {"session": {**cleared, "batch": batch}, "gen_progress": done, "traces_title": traces_title(batch),
            **cards_view(batch), **ranking_view(batch), **metrics_view(room)}
+
+
+def conclusion_setting(room) -> dict:
+    """The conclusion radio showing the active workspace's setting."""
+    return gr.update(value=CONCLUSION_LABELS[room.conclusion_mode()])
 
 
 def build_generate_controls(ui: dict) -> None:
@@ -82,6 +100,15 @@ def build_generate_controls(ui: dict) -> None:
             ui["temperature"] = gr.Slider(0.0, 1.5, value=DEFAULTS.temperature, step=0.05, label="Temperature")
             ui["budget"] = gr.Slider(2, 48, value=RejectionConfig().budget, step=1, label="Sample budget",
                                      info="most un-hinted samples drawn to find K verified traces")
+        with gr.Row():
+            ui["conclusion"] = gr.Radio(
+                list(CONCLUSION_LABELS.values()), value=CONCLUSION_LABELS[DEFAULTS.conclusion], label="Conclusion",
+                elem_id="conclusion-mode",
+                info="how each trace's 'Final diagnosis' line is written; saved with the workspace and every trace",
+            )
+            ui["negatives"] = gr.Slider(0, MAX_CARDS, value=REJECTION.negatives, step=1, label="Rejected traces below the line",
+                                        elem_id="negatives",
+                                        info="trained as worse than every ranked trace; 0 trains on the ranked traces only")
         ui["rationalise"] = gr.Checkbox(value=True, label="Fill a shortfall with rationalised traces (answer given as a hint; labelled)")
     ui["gen_progress"] = gr.HTML(progress_html("Idle", 0, "pick a case and generate", "idle"), elem_id="generate-progress")
 
@@ -98,12 +125,16 @@ def build_trace_cards(ui: dict) -> None:
                                                      elem_id=f"trace-text-{i}", container=False)
                     ui[f"card{i}_comment"] = gr.Textbox(label=f"Comment on trace {letter(i)}", show_label=False, placeholder="Comment on this trace (optional; saved with the ranking)",
                                                         max_length=500, elem_id=f"trace-comment-{i}", container=False)
-    with gr.Accordion("Rejected traces (0)", open=False, elem_id="rejected-traces") as acc:
+    ui["below_html"] = gr.HTML("", elem_id="below-the-line")
+    ui["use_negatives"] = gr.Checkbox(value=True, label="Train on the traces below the line as negatives",
+                                      elem_id="use-negatives")
+    with gr.Accordion("Other rejected traces (0)", open=False, elem_id="rejected-traces") as acc:
         ui["rejected_acc"] = acc
         ui["rejected_html"] = gr.HTML("", elem_id="rejected-html")
 
 
 def bind_generate(room, ui: dict) -> None:
     engine_event(ui["generate_button"].click, generate, room, ui,
-                 ["session", "case_picker", "k", "max_new_tokens", "temperature", "budget", "rationalise"], OUTPUTS,
+                 ["session", "case_picker", "k", "max_new_tokens", "temperature", "budget", "rationalise",
+                  "conclusion", "negatives"], OUTPUTS,
                  show_progress="minimal", show_progress_on=[ui["gen_progress"]])

@@ -184,7 +184,7 @@ def bind_model_tab(room, ui: dict) -> None:
     light_event(ui["load_checkpoint"].click, request_load, room, ui, ["session", "checkpoint_choice"], CONFIRM_OUTPUTS)
     light_event(ui["confirm_cancel"].click, cancel, room, ui, ["session"], CONFIRM_OUTPUTS)
     outputs = ["session", "confirm_panel", "model_status", "model_info", "models_table", "lr", "checkpoint_choice",
-               "model_choice", "model_lora", "traces_title", "ranking", "rank_message", "rejected_acc", "rejected_html",
+               "model_choice", "model_lora", "traces_title", "ranking", "rank_message",
                "header", "table", *CHART_OUTPUTS, *CARD_OUTPUTS]
     ui["save_first"] = gr.State(True)
     ui["no_save"] = gr.State(False)

@@ -68,7 +68,7 @@ def comments_by_trace(batch: dict, comments) -> dict[str, str]:
     return {t["trace_id"]: (comments[i] if i < len(comments) else "") or "" for i, t in enumerate(batch["traces"])}
 
 
-def record_only(room, session: dict, annotator: str, *comments) -> dict:
+def record_only(room, session: dict, annotator: str, use_negatives=True, *comments) -> dict:
     """Store the current order as a ranking without updating the policy: a second
     opinion on the same traces, so the agreement view can compare annotators."""
     batch = session.get("batch")
@@ -81,7 +81,8 @@ def record_only(room, session: dict, annotator: str, *comments) -> dict:
         return refuse("Nothing to rank: generate traces first.")
     try:
         ranking_id = room.record_ranking(batch["traces"], batch["order"], annotator=annotator,
-                                         model_key=batch["model_key"], comments=comments_by_trace(batch, comments))
+                                         model_key=batch["model_key"], comments=comments_by_trace(batch, comments),
+                                         negatives=(batch.get("negatives") or []) if use_negatives else [])
     except (RankingError, ValueError) as err:
         return refuse(str(err))
     recorded = [*(batch.get("recorded") or []), {"annotator": annotator, "ranking_id": ranking_id}]
@@ -94,8 +95,9 @@ def record_only(room, session: dict, annotator: str, *comments) -> dict:
             **ranking_view(batch, None), "_info": f"Ranking by {annotator} recorded"}
 
 
-def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps, loss_type, *comments):
-    """Validate the ranking, run the update streaming per-step metrics, then show the result."""
+def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps, loss_type, use_negatives=True, *comments):
+    """Validate the ranking, run the update streaming per-step metrics, then show the result.
+    ``use_negatives``: the batch's rejected traces below the line join the update."""
     batch = session.get("batch")
     annotator = (annotator or session.get("annotator") or "").strip()
 
@@ -121,9 +123,11 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
            "update_status": ""}
     result = record = None
     try:
+        negatives = (batch.get("negatives") or []) if use_negatives else []
         for event in room.update(batch["traces"], batch["order"], config, annotator=annotator,
                                  model_key=batch["model_key"], comments=by_position,
-                                 acceptance_rate=batch.get("acceptance_rate"), generation_id=batch.get("generation_id")):
+                                 acceptance_rate=batch.get("acceptance_rate"), generation_id=batch.get("generation_id"),
+                                 negatives=negatives):
             if event["kind"] == "step":
                 n = event["step"] + 1
                 yield {"update_progress": progress_html(f"{config.algorithm.upper()} step {n}/{steps_total}", n / steps_total,
@@ -142,7 +146,8 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
                   "recorded": [*(batch.get("recorded") or []),
                                {"annotator": annotator, "ranking_id": record["ranking_id"], "update": True}]}
     skipped = " (all steps skipped: non-finite loss; weights unchanged)" if result.get("skipped") else ""
-    summary = (f"{config.algorithm.upper()} update applied by {annotator}: policy v{record['version_before']} → "
+    below = f" · {len(negatives)} rejected trace(s) trained below the line" if negatives else ""
+    summary = (f"{config.algorithm.upper()} update applied by {annotator}{below}: policy v{record['version_before']} → "
                f"v{result['version']} · loss {result['loss']:.4f} · KL {result['kl']:.4f} · {result['seconds']:.1f}s{skipped}")
     if room.has_store:
         summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
@@ -186,8 +191,9 @@ def bind_rank(room, ui: dict) -> None:
     light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking"], MOVE_OUTPUTS)
     light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm"], ["beta", "loss_type"])
     comments = [f"card{i}_comment" for i in range(MAX_CARDS)]
-    light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", *comments],
+    light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", "use_negatives", *comments],
                 ["session", "update_status", "ranking", "rank_message"], show_progress="minimal")
     engine_event(ui["update_button"].click, submit, room, ui,
-                 ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", *comments], SUBMIT_OUTPUTS,
+                 ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", "use_negatives", *comments],
+                 SUBMIT_OUTPUTS,
                  show_progress="minimal", show_progress_on=[ui["update_progress"]])

@@ -3,6 +3,8 @@
 A ranking is a best-to-worst list of trace ids. The UI's control only ever
 reorders a complete list (so it cannot produce duplicates or gaps) and
 ``validate_order`` checks every submitted ranking again on the server.
+Rejected traces may join the group *below the line*: tied under every ranked
+trace, never rankable above one (``validate_negatives``).
 """
 from __future__ import annotations
 
@@ -86,15 +88,19 @@ def order_index(traces: list[dict], trace_id: str) -> int:
     raise KeyError(trace_id)
 
 
-def validate_order(order: list[str], traces: list[dict]) -> list[int]:
+def validate_order(order: list[str], traces: list[dict], below_the_line: int = 0) -> list[int]:
     """Check a best-to-worst list of trace ids; returns it as indices into ``traces``.
 
-    Raises RankingError for duplicates, gaps, unknown ids, rejected traces, or
-    a hard-safety trace in first place.
+    ``below_the_line``: how many rejected traces will join the group under every
+    accepted one (then a single accepted trace is enough). Raises RankingError
+    for duplicates, gaps, unknown ids, rejected traces, or a hard-safety trace
+    in first place.
     """
     ids = [t["trace_id"] for t in traces]
-    if len(traces) < 2:
-        raise RankingError("At least two accepted traces are needed to rank; generate again.")
+    if not traces:
+        raise RankingError("No trace passed the verifier, so there is nothing to rank above the line; generate again.")
+    if len(traces) + below_the_line < 2:
+        raise RankingError("At least two accepted traces (or one above rejected ones below the line) are needed; generate again.")
     unknown = [x for x in order if x not in ids]
     if unknown:
         raise RankingError(f"Unknown trace id(s) in the ranking: {', '.join(map(str, unknown))}.")
@@ -120,3 +126,19 @@ def validate_order(order: list[str], traces: list[dict]) -> list[int]:
         except ValueError as err:
             raise RankingError(str(err)) from err
     return indices
+
+
+def validate_negatives(negatives: list[dict], traces: list[dict]) -> None:
+    """Rejected traces offered below the line must be rejected, distinct from the
+    ranked ones and answer the same case. Raises RankingError otherwise."""
+    ids = {t["trace_id"] for t in traces}
+    case_ids = {t.get("case_id") for t in traces}
+    seen: set[str] = set()
+    for t in negatives:
+        if (t.get("verdict") or {}).get("accepted"):
+            raise RankingError(f"Trace {t['trace_id']} passed the verifier; it belongs above the line, not below it.")
+        if t["trace_id"] in ids or t["trace_id"] in seen:
+            raise RankingError(f"Trace {t['trace_id']} appears twice in the ranking.")
+        if t.get("case_id") not in case_ids:
+            raise RankingError(f"Trace {t['trace_id']} answers another case.")
+        seen.add(t["trace_id"])

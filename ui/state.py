@@ -43,7 +43,7 @@ from rlhf_core.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.update import DPOConfig, GRPOConfig, default_lr
 
 from .backends import GenerateFn, engine_backend
-from .ranking import RankingError, validate_order
+from .ranking import RankingError, validate_negatives, validate_order
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_CACHED_BATCHES = 64  # API batches kept for rank+update calls
@@ -189,6 +189,17 @@ class _Cancelled(Exception):
     """The browser went away: stop a long read-only job (an evaluation)."""
 
 
+def _ranked_group(order: list[str], traces: list[dict], negatives: list[dict] | None) -> tuple[list[Trace], list[int], int | None]:
+    """(traces, best-to-worst indices, ranked) for ``Engine.update``: the ordered
+    accepted traces, then the rejected ``negatives`` tied below the line.
+    Raises RankingError for an invalid order or negative."""
+    negatives = list(negatives or [])
+    indices = validate_order(order, traces, below_the_line=len(negatives))
+    validate_negatives(negatives, traces)
+    indices += range(len(traces), len(traces) + len(negatives))
+    return [Trace.from_dict(t) for t in [*traces, *negatives]], indices, len(traces) if negatives else None
+
+
 class ControlRoom:
     """One policy per running app, and everything the UI and the API do with it."""
 
@@ -312,6 +323,10 @@ class ControlRoom:
         rows = {u["update_id"]: u for u in self._stored()[0]}
         return sorted({rows[u["id"]].get("annotator") or "unknown" for u in updates if u["id"] in rows})
 
+    def conclusion_mode(self, choice: str | None = None) -> str:
+        """The workspace's conclusion mode; a ``choice`` is saved as its setting."""
+        return self.engine.conclusion_mode(choice)
+
     def default_lr(self) -> float:
         return default_lr(self.engine.lm)
 
@@ -429,12 +444,12 @@ class ControlRoom:
         return None
 
     def remember_batch(self, traces: list[dict], case_id: str, acceptance_rate: float | None,
-                       generation_id: str | None = None) -> str:
+                       generation_id: str | None = None, negatives: list[dict] | None = None) -> str:
         """Keep an API batch so a later rank+update call can refer to it by id."""
         batch_id = uuid.uuid4().hex[:12]
         with self._meta:
             self._batches[batch_id] = {
-                "traces": traces, "case_id": case_id, "model_key": self.model_key(),
+                "traces": traces, "negatives": list(negatives or []), "case_id": case_id, "model_key": self.model_key(),
                 "acceptance_rate": acceptance_rate, "generation_id": generation_id, "submitted": False,
             }
             while len(self._batches) > MAX_CACHED_BATCHES:
@@ -459,17 +474,19 @@ class ControlRoom:
         comments: dict[str, str] | None = None,
         acceptance_rate: float | None = None,
         generation_id: str | None = None,
+        negatives: list[dict] | None = None,
     ) -> Iterator[Event]:
-        """Apply one ranking (best-to-worst trace ids). With a db the ranking is committed
-        before the update starts (``Engine.update``). Yields step events, then a final
-        "done" event with the metrics and the ranking record. An invalid ranking raises
-        RankingError on the first iteration, before anything runs."""
+        """Apply one ranking (best-to-worst trace ids of the accepted ``traces``; the
+        rejected ``negatives`` join the group below the line, tied under every ranked
+        trace). With a db the ranking is committed before the update starts
+        (``Engine.update``). Yields step events, then a final "done" event with the
+        metrics and the ranking record. An invalid ranking raises RankingError on the
+        first iteration, before anything runs."""
         annotator = (annotator or "").strip()
         if not annotator:
             raise RankingError("Enter your name before submitting a ranking (it is stored with every ranking).")
-        indices = validate_order(order, traces)
+        objs, indices, ranked = _ranked_group(order, traces, negatives)
         self._check_model(model_key)
-        objs = [Trace.from_dict(t) for t in traces]
         case = self.cases.get(objs[0].case_id)
         comments = {k: v for k, v in (comments or {}).items() if v and str(v).strip()}
 
@@ -488,10 +505,11 @@ class ControlRoom:
 
                 try:
                     result = engine.update(objs, indices, config, on_step=on_step, annotator=annotator,
-                                           comments=comments, case=case, extra_metrics=extra)
+                                           comments=comments, case=case, extra_metrics=extra, ranked=ranked)
                 finally:
                     self._changed(persisted=True)  # the ranking is stored even when the update fails
                 record = self._ranking_record(objs, indices, config, before, annotator, comments)
+                record["ranked"] = ranked
                 record.update(version_after=result["version"], metrics=dict(result))
                 if "ranking_id" in result:
                     record["ranking_id"] = result["ranking_id"]
@@ -512,6 +530,7 @@ class ControlRoom:
         top = traces[indices[0]].safety
         extra = {
             "annotator": annotator, "case_id": traces[0].case_id, "version_before": before, "n_traces": len(traces),
+            "below_the_line": sum(not (t.verdict or {}).get("accepted") for t in traces),
             "acceptance_rate": acceptance_rate,
             "safety_ranked": sum(safety) / len(safety) if safety else None,
             "safety_top": top["score"] if top else None,
@@ -528,21 +547,21 @@ class ControlRoom:
         return extra
 
     def record_ranking(self, traces: list[dict], order: list[str], *, annotator: str, model_key: str,
-                       comments: dict[str, str] | None = None) -> int:
+                       comments: dict[str, str] | None = None, negatives: list[dict] | None = None) -> int:
         """Store a ranking without updating the policy (a second opinion, for the
-        agreement view). Returns its id. Needs a db."""
+        agreement view; the same ``negatives`` below the line as the update's, so
+        both rank the same group). Returns its id. Needs a db."""
         annotator = (annotator or "").strip()
         if not annotator:
             raise RankingError("Enter your name before recording a ranking (it is stored with every ranking).")
-        indices = validate_order(order, traces)
+        objs, indices, ranked = _ranked_group(order, traces, negatives)
         if self.store is None:
             raise RankingError("This app runs without a database, so a ranking cannot be recorded on its own.")
-        objs = [Trace.from_dict(t) for t in traces]
         engine = self.engine
         with engine.lock:
             self._check_model(model_key)
             ranking_id = engine.record_ranking(objs, indices, annotator, comments=comments or {},
-                                               case=self.cases.get(objs[0].case_id))
+                                               case=self.cases.get(objs[0].case_id), ranked=ranked)
         self._changed(persisted=True)
         return ranking_id
 

@@ -50,6 +50,28 @@ def violations_html(trace: dict) -> str:
     return f'<ul class="cr-violations">{"".join(items)}</ul>' if items else ""
 
 
+_TRIGGERS = {
+    "written": "the model wrote the label itself",
+    "eos": "the label was inserted where the model stopped",
+    "budget": "the label was inserted at the reasoning budget",
+}
+
+
+def conclusion_note(trace: dict) -> str:
+    """How the trace's conclusion was reached, in one line (empty when unknown)."""
+    c = trace.get("conclusion") or {}
+    if not c:
+        return ""
+    if not c.get("constrained"):
+        return "conclusion written freely by the model"
+    n = len(c.get("candidates") or [])
+    probs = c.get("probabilities") or []
+    chosen = c.get("chosen")
+    p = f" (the model gave it p = {probs[chosen]:.2f})" if chosen is not None and chosen < len(probs) else ""
+    why = _TRIGGERS.get(c.get("trigger"), "")
+    return f"conclusion chosen by the model among {n} candidates{p}" + (f"; {why}" if why else "")
+
+
 def trace_header(trace: dict, index: int, position: int | None = None) -> str:
     """The top of a finished trace card: name, verdict badge, diagnosis, reason, safety."""
     kind = verdict_kind(trace)
@@ -64,7 +86,8 @@ def trace_header(trace: dict, index: int, position: int | None = None) -> str:
         f'<div class="cr-dx">Final diagnosis: <b>{diagnosis}</b></div>'
         f'<div class="cr-reason">{esc(verdict.get("reason"))}{note}'
         f' <span class="cr-muted">· policy v{esc(trace.get("policy_version"))} · {esc(len(trace.get("completion_ids") or []))} tokens</span></div>'
-        f'{violations_html(trace)}</div>'
+        + (f'<div class="cr-muted cr-conclusion">{esc(conclusion_note(trace))}</div>' if conclusion_note(trace) else "")
+        + f'{violations_html(trace)}</div>'
     )
 
 
@@ -74,19 +97,32 @@ def live_header(slot: int, phase: str) -> str:
             f'{badge("pending", "decoding…")} <span class="cr-muted">{esc(what)}</span></div></div>')
 
 
+def _rejected_item(t: dict) -> str:
+    """One rejected trace, collapsed to its verdict line."""
+    verdict = t.get("verdict") or {}
+    return (
+        f'<details class="cr-rej-item"><summary>{badge(verdict_kind(t), "✗ " + str(verdict.get("code", "rejected")))} '
+        f'<b>{esc(verdict.get("diagnosis") or "no conclusion")}</b> — {esc(verdict.get("reason"))} {safety_html(t)}</summary>'
+        f'{violations_html(t)}<pre class="cr-pre">{esc(t.get("text"))}</pre></details>'
+    )
+
+
 def rejected_html(rejected: list[dict]) -> str:
     """Rejected traces, each collapsed; shown for context, never rankable."""
     if not rejected:
         return '<div class="cr-muted">No rejected traces.</div>'
-    parts = []
-    for t in rejected:
-        verdict = t.get("verdict") or {}
-        parts.append(
-            f'<details class="cr-rej-item"><summary>{badge(verdict_kind(t), "✗ " + str(verdict.get("code", "rejected")))} '
-            f'<b>{esc(verdict.get("diagnosis") or "no conclusion")}</b> — {esc(verdict.get("reason"))} {safety_html(t)}</summary>'
-            f'{violations_html(t)}<pre class="cr-pre">{esc(t.get("text"))}</pre></details>'
-        )
-    return "".join(parts)
+    return "".join(_rejected_item(t) for t in rejected)
+
+
+def below_the_line_html(negatives: list[dict]) -> str:
+    """The rejected traces that join the ranking as negatives, under every ranked trace."""
+    if not negatives:
+        return ('<div class="cr-below cr-muted">Below the line: no rejected trace this time '
+                '(only the ranked traces are trained on).</div>')
+    items = [_rejected_item(t) for t in negatives]
+    return (f'<div class="cr-below"><div class="cr-below-title"><b>Below the line</b> · {len(negatives)} rejected '
+            f'trace{"s" if len(negatives) != 1 else ""}, trained as worse than every ranked trace (tied with each other; '
+            f'never rankable above the line)</div>{"".join(items)}</div>')
 
 
 def progress_html(label: str, fraction: float | None, detail: str = "", state: str = "running") -> str:
