@@ -1,6 +1,7 @@
 """Command line: ``python -m rlhf_core <command>``.
 
-Commands: ``simulate`` (the headless loop), ``export`` / ``import`` (rankings
+Commands: ``simulate`` (the headless loop), ``diagnose`` (un-hinted acceptance per
+case), ``export`` / ``import`` (rankings
 out of and into the database), ``evaluate`` (held-out A/B of reference vs
 policy), ``workspaces`` (list or create) and ``train`` (offline DPO on an
 export; for several processes use ``accelerate launch -m rlhf_core.train``).
@@ -28,15 +29,27 @@ def _simulate(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .simulate import SimulationSettings, run_simulation
 
+    from .evaluate import split_cases
+
+    cases = _load_cases(args.cases)
+    if args.split != "all":
+        train, heldout = split_cases(cases, args.heldout_fraction, args.split_seed)
+        cases = train if args.split == "train" else heldout
+        if not cases:
+            raise ValueError(f"the {args.split} split of these {len(train) + len(heldout)} cases is empty")
+    engine = Engine(
+        args.model, lora=args.lora, device=args.device, dtype=args.dtype,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints or None,
+    )
+    if not args.no_db:
+        # without --workspace: "default", or one named after the model and mode when
+        # "default" already holds another model's policy
+        engine.attach_store(args.db, args.workspace, preferred="default")
+    conclusion = engine.conclusion_mode(args.conclusion)
     settings = SimulationSettings(
         algorithm=args.algorithm, updates=args.updates, traces=args.traces,
         max_new_tokens=args.max_new_tokens, seed=args.seed, budget=args.budget,
-        steps=args.steps, lr=args.lr,
-    )
-    engine = Engine(
-        args.model, lora=args.lora, device=args.device, dtype=args.dtype,
-        store=None if args.no_db else args.db, workspace=args.workspace,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints or None,
+        steps=args.steps, lr=args.lr, conclusion=conclusion, negatives=args.negatives,
     )
     resumed = False
     if engine.store is not None:
@@ -62,7 +75,7 @@ def _simulate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-        run_simulation(engine, settings, on_update=write, annotator=args.annotator)
+        run_simulation(engine, settings, cases=cases, on_update=write, annotator=args.annotator)
     if args.checkpoint_dir:
         engine.save(f"{args.checkpoint_dir}/final")
     return 0
@@ -166,6 +179,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import diagnose, format_report, write_report
+    from .generation import SamplingConfig
+    from .models import load_model
+
+    cases = _load_cases(args.cases)
+    if args.max_cases:
+        cases = cases[: args.max_cases]
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, conclusion=args.conclusion,
+        conclusion_score=args.conclusion_score,
+    )
+
+    def progress(row: dict) -> None:
+        print(f"  {row['case_id']}: {row['accepted']}/{row['sampled']} accepted", file=sys.stderr)
+
+    report = diagnose(lm, cases, samples=args.samples, sampling=sampling, seed=args.seed, on_case=progress,
+                      with_traces=args.with_traces)
+    print(format_report(report, per_case=not args.summary))
+    if args.json_out:
+        write_report(report, args.json_out)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
+
+
 def _workspaces(args: argparse.Namespace) -> int:
     store = _open_store(args.db, must_exist=args.create is None)
     if args.create:
@@ -195,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     default_db = _default_db()
 
+    from .conclusion import CANDIDATE_SCORES, CONCLUSION_MODES
+    from .generation import SamplingConfig
+
     sim = sub.add_parser("simulate", help="generate -> rank (scripted) -> update, without a browser")
     sim.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(REGISTRY)}, a hub id or a local folder")
     sim.add_argument("--algorithm", choices=["dpo", "grpo"], default="dpo")
@@ -204,12 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--budget", type=int, default=8, help="un-hinted samples per case before rationalising")
     sim.add_argument("--steps", type=int, default=2, help="optimisation steps per ranking")
+    sim.add_argument("--negatives", type=int, default=4,
+                     help="rejected traces ranked below the line, under every accepted one (0: none)")
     sim.add_argument("--lr", type=float, default=None)
     sim.add_argument("--out", default="metrics.jsonl", help="metrics JSONL (appended to when the run resumes)")
     sim.add_argument("--checkpoint-dir", default=None, help="also save initial/ and final/ checkpoints here")
     sim.add_argument("--db", default=default_db, help=f"database to record into and resume from (default {default_db})")
     sim.add_argument("--no-db", action="store_true", help="record nothing (no resume)")
-    sim.add_argument("--workspace", default="default")
+    sim.add_argument(
+        "--workspace", default=None,
+        help="default: 'default', or a workspace named after the model and mode when 'default' holds another model's policy",
+    )
+    sim.add_argument("--cases", default=None, help="case file or folder (default: the bundled library)")
+    sim.add_argument(
+        "--split", choices=["train", "heldout", "all"], default="train",
+        help="which cases to teach: the training split (default; held-out cases stay untouched for evaluate), the held-out split, or all",
+    )
+    sim.add_argument("--heldout-fraction", type=float, default=0.2, help="as in evaluate")
+    sim.add_argument("--split-seed", type=int, default=0, help="as in evaluate")
+    sim.add_argument(
+        "--conclusion", choices=list(CONCLUSION_MODES), default=None,
+        help="constrained: the model's own probabilities pick the conclusion among the case's candidates; "
+        "free: it writes its own (default: the workspace's setting, else constrained; a choice is saved to the workspace)",
+    )
     sim.add_argument("--checkpoint-every", type=int, default=1, help="save a checkpoint every N updates")
     sim.add_argument("--keep-checkpoints", type=int, default=3, help="automatic checkpoints kept (0: all)")
     sim.add_argument("--annotator", default="simulated-clinician")
@@ -244,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--heldout-fraction", type=float, default=0.2)
     ev.add_argument("--split-seed", type=int, default=0)
     ev.add_argument("--max-cases", type=int, default=None)
-    ev.add_argument("--max-new-tokens", type=int, default=192)
+    ev.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     ev.add_argument("--temperature", type=float, default=0.8)
     ev.add_argument("--top-p", type=float, default=0.95)
     ev.add_argument("--batch-size", type=int, default=8)
@@ -256,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ev.set_defaults(func=_evaluate)
+
+    dg = sub.add_parser("diagnose", help="un-hinted acceptance and the verifier's rejection reasons, per case and overall")
+    dg.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(REGISTRY)}, a hub id or a local folder")
+    dg.add_argument("--cases", default=None, help="case file or folder (default: the bundled library)")
+    dg.add_argument("--samples", type=int, default=8, help="un-hinted traces per case")
+    dg.add_argument("--max-cases", type=int, default=None)
+    dg.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
+    dg.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
+    dg.add_argument("--top-p", type=float, default=SamplingConfig.top_p)
+    dg.add_argument("--seed", type=int, default=1)
+    dg.add_argument("--conclusion", choices=list(CONCLUSION_MODES), default=CONCLUSION_MODES[0])
+    dg.add_argument("--conclusion-score", choices=list(CANDIDATE_SCORES), default=SamplingConfig.conclusion_score,
+                    help="how candidates are scored in the constrained mode")
+    dg.add_argument("--summary", action="store_true", help="print the totals only")
+    dg.add_argument("--with-traces", action="store_true", help="keep every trace (text, tokens, verdict) in the JSON")
+    dg.add_argument("--json-out", default=None, help="also write the whole report as JSON")
+    dg.add_argument("--device", default=None)
+    dg.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    dg.set_defaults(func=_diagnose)
 
     ws = sub.add_parser("workspaces", help="list (or create) workspaces")
     ws.add_argument("--db", default=default_db)

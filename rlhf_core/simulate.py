@@ -96,6 +96,8 @@ class SimulationSettings:
     budget: int = 8  # un-hinted samples per case before rationalising
     steps: int = 2  # optimisation steps per ranking
     lr: float | None = None  # None: the engine's default for the mode
+    conclusion: str = "constrained"  # SamplingConfig.conclusion
+    negatives: int = 4  # rejected traces below the line (RejectionConfig.negatives); 0: none
 
     def __post_init__(self) -> None:
         if self.updates < 1:
@@ -125,16 +127,25 @@ def run_simulation(
     results = []
     for n in range(start, start + settings.updates):
         case = order[n % len(order)]
-        sampling = SamplingConfig(k=settings.traces, max_new_tokens=settings.max_new_tokens, seed=settings.seed * 1000 + n)
-        rejection = RejectionConfig(k=settings.traces, budget=settings.budget, rationalise_budget=settings.traces)
+        sampling = SamplingConfig(
+            k=settings.traces, max_new_tokens=settings.max_new_tokens, seed=settings.seed * 1000 + n,
+            conclusion=settings.conclusion,
+        )
+        rejection = RejectionConfig(k=settings.traces, budget=settings.budget, rationalise_budget=settings.traces,
+                                    negatives=settings.negatives)
         started = time.perf_counter()
         result = engine.sample_verified(case, sampling, rejection)
         generation_seconds = time.perf_counter() - started
-        # Rank the accepted traces; when too few passed, the rest of the run's
-        # traces fill the group below them (verified-above-unverified is itself signal).
+        # Rank the accepted traces; rejected ones join the group below the line
+        # (verified-above-unverified is itself signal). With no accepted trace at
+        # all, the scripted clinician orders rejected ones (safer, shorter first).
         group = list(result.accepted)
-        chosen_ids = {t.trace_id for t in group}
-        group += [t for t in result.all_traces if t.trace_id not in chosen_ids][: settings.traces - len(group)]
+        ranked = len(group) if group and result.negatives else None
+        group += result.negatives
+        if len(group) < 2:
+            chosen_ids = {t.trace_id for t in group}
+            group += [t for t in result.all_traces if t.trace_id not in chosen_ids][: settings.traces - len(group)]
+            ranked = None
         ranking = scripted_ranking(group)
         config = make_config(settings.algorithm, steps=settings.steps, lr=settings.lr)
         safety_scores = [t.safety["score"] for t in group if t.safety]
@@ -144,11 +155,12 @@ def run_simulation(
             acceptance_rate=result.report.acceptance_rate,
             sampling=result.report.to_dict(),
             ranked_accepted=len(result.accepted),
+            below_the_line=len(group) - ranked if ranked else 0,
             ranked_rationalised=sum(t.rationalised for t in group),
             safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,
             generation_seconds=generation_seconds,
         )
-        metrics = engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra)
+        metrics = engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra, ranked=ranked)
         results.append(metrics)
         if on_update:
             on_update(metrics)

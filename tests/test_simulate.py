@@ -19,7 +19,7 @@ def _simulate_cmd(db: Path, out: Path, updates: int) -> list[str]:
     return [
         sys.executable, "-m", "rlhf_core", "simulate", "--model", "tiny-random", "--device", "cpu",
         "--db", str(db), "--out", str(out), "--updates", str(updates), "--traces", "2",
-        "--max-new-tokens", "4", "--budget", "2", "--steps", "12", "--lr", "1e-3",
+        "--max-new-tokens", "4", "--budget", "2", "--steps", "12", "--lr", "1e-3", "--negatives", "0",
     ]
 
 
@@ -126,3 +126,29 @@ def test_run_simulation_records_everything_and_continues(tmp_path, case):
     more = run_simulation(again, settings, cases)
     assert [m["update"] for m in more] == [2, 3] and more[-1]["version"] == 4
     assert len(again.history()) == 4
+
+
+def test_simulate_teaches_the_training_split_and_opens_a_workspace_per_model(tmp_path, capsys):
+    from rlhf_core.cases import save_cases_jsonl
+    from rlhf_core.cli import main
+    from rlhf_core.evaluate import split_cases
+    from rlhf_core.store import Store
+
+    cases = [Case(id=f"c{i}", question=f"Case {i}. Diagnosis?", answer="gout", distractors=["pseudogout", "cellulitis"])
+             for i in range(10)]
+    path = save_cases_jsonl(cases, tmp_path / "cases.jsonl")
+    train, heldout = split_cases(cases, 0.2, 0)
+    assert train and heldout
+    db = tmp_path / "rlhf.sqlite"
+    base = ["simulate", "--model", "tiny-random", "--device", "cpu", "--db", str(db), "--cases", str(path),
+            "--updates", "3", "--traces", "2", "--max-new-tokens", "4", "--budget", "2", "--steps", "1",
+            "--out", str(tmp_path / "m.jsonl")]
+    assert main(base) == 0
+    store = Store(db)
+    taught = {r["case_id"] for r in store.rankings("default")}
+    assert taught and taught <= {c.id for c in train}  # held-out cases stay untouched
+    assert main(base + ["--split", "heldout", "--lora"]) == 0  # another mode: its own workspace, not an error
+    names = {w["name"]: w for w in store.workspaces()}
+    assert "tiny-random-lora" in names and names["default"]["mode"] == "full"
+    assert {r["case_id"] for r in store.rankings("tiny-random-lora")} <= {c.id for c in heldout}
+    store.close()
