@@ -56,6 +56,13 @@ def table(gen: dict, upd: list[dict], rt: list[dict]) -> str:
             f"| same, activation checkpointing on | {u['ours_checkpointed_update_s']:.2f} s | {u['trl_step_s']:.2f} s "
             f"| {u['speedup_checkpointed']:.1f}x | bit-identical to the run above (tested) |"
         )
+        if u.get("trl_precomputed_step_s"):
+            rows.append(
+                f"| same, TRL with `precompute_ref_log_probs=True` | {u['ours_update_s']:.2f} s | "
+                f"{u['trl_precomputed_step_s']:.2f} s | {u['speedup_vs_precomputed']:.1f}x | ours: "
+                f"{u['update_gflop']:.0f} GFLOP, {100 * u['roofline_fraction']:.0f}% of the measured "
+                f"{u['gemm_peak_gflops']:.0f} GFLOPS GEMM rate |"
+            )
     for r in rt:
         rows.append(
             f"| round trip (ranking submitted -> metrics), {r['mode']}, {r['steps']} steps, "

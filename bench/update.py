@@ -9,7 +9,11 @@ way TRL tokenises prompt + completion, and our traces carry those ids. TRL's
 time is its training step alone (measured by a callback from step begin to
 step end, excluding its set-up); ours is the whole `PolicyTrainer.update` call
 (step plus the post-update KL pass). The first-step loss and log-probs are
-compared to check both compute the same thing.
+compared to check both compute the same thing. TRL runs twice: with its
+reference model in the step (default), and with ``precompute_ref_log_probs=True``
+(its reference pass before training, closer to our stored reference log-probs).
+Each update's FLOPs are set against the machine's measured GEMM rate (a
+roofline fraction).
 """
 from __future__ import annotations
 
@@ -68,7 +72,43 @@ def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int,
     return times[1:], first
 
 
-def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: float):
+def gemm_peak_gflops(repeats: int = 20) -> float:
+    """The machine's float32 GEMM rate at the update's shapes, through oneDNN (as our
+    update runs): the best of SmolLM2's layer shapes at 640 rows."""
+    from rlhf_core.cpu_linear import _linear_pointwise
+
+    best = 0.0
+    with torch.no_grad():
+        for rows, out_f, in_f in ((640, 1536, 576), (640, 576, 1536), (640, 576, 576)):
+            x, weight = torch.randn(rows, in_f), torch.randn(out_f, in_f)
+            for _ in range(3):
+                _linear_pointwise(x, weight, None)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                _linear_pointwise(x, weight, None)
+            seconds = (time.perf_counter() - start) / repeats
+            best = max(best, 2 * rows * in_f * out_f / seconds / 1e9)
+    return best
+
+
+def update_gflop(lm, prompt_len: int, completion_lens: list[int], lora: bool, checkpointed: bool) -> float:
+    """Approximate float32 FLOPs of one ``PolicyTrainer.update`` step plus its KL pass,
+    in GFLOP: 2 per parameter per token forward (decoder layers at every position,
+    the LM head at completion positions, once more in backward as it is recomputed),
+    backward 2x the forward for full fine-tuning (weight and input gradients), 1x
+    with LoRA (input gradients; the adapters' own are negligible), one more forward
+    with activation checkpointing, and the post-update KL pass (one forward)."""
+    base = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    layers = sum(p.numel() for p in base.get_decoder().layers.parameters())
+    head = base.get_output_embeddings().weight.numel()
+    tokens, completion = prompt_len + sum(completion_lens), sum(completion_lens)
+    forward = 2 * (layers * tokens + head * completion)
+    backward = (1 if lora else 2) * forward + 2 * head * completion  # the chunked head runs again in backward
+    step = forward + backward + (forward if checkpointed else 0)
+    return (step + forward) / 1e9
+
+
+def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: float, precompute: bool = False):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig as TRLConfig
@@ -105,6 +145,7 @@ def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: f
                 output_dir=out, per_device_train_batch_size=len(rows), max_steps=1, learning_rate=lr,
                 beta=0.1, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
                 use_cpu=True, max_length=None, dataloader_num_workers=0, disable_tqdm=True,
+                precompute_ref_log_probs=precompute,  # True: reference log-probs before training, as we store ours
             )
             trainer = DPOTrainer(
                 model=lm.model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
@@ -129,7 +170,7 @@ def main(argv=None) -> list[dict]:
 
     lm = load_model(args.model, device="cpu", dtype="float32")
     prompt_text, texts, prompt_ids, completions = make_pairs(lm, args.k, args.tokens, seed=0)
-    del lm
+    peak = gemm_peak_gflops()
     results = []
     for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
         lora = mode == "lora"
@@ -138,6 +179,8 @@ def main(argv=None) -> list[dict]:
         ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=False)
         ours_ck_t, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)
         trl_t, trl_m = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr)
+        trl_pre_t, _ = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr, precompute=True)
+        gflop = update_gflop(lm, len(prompt_ids), [len(c) for c in completions], lora, checkpointed=False)
         row = {
             "benchmark": "update", "mode": mode, "model": args.model, "machine": machine(),
             "pairs": math.comb(args.k, 2), "prompt_tokens": len(prompt_ids),
@@ -145,6 +188,9 @@ def main(argv=None) -> list[dict]:
             "trl_step_s": median(trl_t), "ours_update_s": median(ours_t),
             "speedup": median(trl_t) / median(ours_t),
             "ours_checkpointed_update_s": median(ours_ck_t), "speedup_checkpointed": median(trl_t) / median(ours_ck_t),
+            "trl_precomputed_step_s": median(trl_pre_t), "speedup_vs_precomputed": median(trl_pre_t) / median(ours_t),
+            "update_gflop": gflop, "gemm_peak_gflops": peak,
+            "roofline_fraction": gflop / median(ours_t) / peak,
             "loss_ours": ours_m["loss"], "loss_trl": trl_m.get("loss"),
             "logps_chosen_ours": ours_m["logps/chosen"], "logps_chosen_trl": trl_m.get("logps/chosen"),
         }

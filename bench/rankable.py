@@ -1,0 +1,127 @@
+"""Seconds from *Generate* to K rankable traces, on library cases, with the app's defaults.
+
+    python -m bench.rankable [--model smollm2-135m] [--cases 24] [--batches 4,8,12,16] [--json-out F]
+
+For each case the rejection sampler runs as the app runs it (``RejectionConfig``
+defaults, K = 4, the default conclusion mode): free samples first, then
+rationalised ones if too few passed. Reported per run: seconds until the K-th
+accepted trace (or the end, when K is never reached), whether rationalisation
+was needed, accepted traces per second and decoding tokens/s. The batch sweep
+(item "bigger batches where they pay") reruns a subset of the cases with each
+decoding batch size, free samples only, and reports accepted traces per second.
+Both are run with the weights still the reference's (a first generation: no
+reference pass) and, for the default batch, with the reference pass an updated
+policy needs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+
+from rlhf_core.cases import default_cases_dir, load_library
+from rlhf_core.generation import SamplingConfig, sample_stream
+from rlhf_core.models import load_model
+from rlhf_core.sampler import RejectionConfig, sample_verified_stream
+
+from .common import machine, save_json
+
+
+def time_to_k(lm, case, sampling: SamplingConfig, rejection: RejectionConfig, reference_is_policy: bool) -> dict:
+    """One rejection-sampling run, timed to its K-th accepted trace."""
+
+    def generate(c, s, hint):
+        return sample_stream(lm, c, s, 0, hint=hint, reference_is_policy=reference_is_policy)
+
+    started = time.perf_counter()
+    reached = None
+    last = None
+    for last in sample_verified_stream(generate, case, sampling, rejection):
+        if reached is None and len(last.accepted) >= rejection.k:
+            reached = time.perf_counter() - started
+    total = time.perf_counter() - started
+    report = last.report
+    tokens = sum(len(t.completion_ids) for t in last.traces)
+    return {
+        "case_id": case.id,
+        "seconds_to_k": reached,
+        "seconds_total": total,
+        "reached_k": reached is not None,
+        "needed_rationalisation": report.rationalised_sampled > 0,
+        "accepted_free": report.accepted,
+        "sampled_free": report.sampled,
+        "accepted_rationalised": report.rationalised_accepted,
+        "sampled_rationalised": report.rationalised_sampled,
+        "below_the_line": len(last.negatives),
+        "tokens": tokens,
+        "tokens_per_second": tokens / total,
+    }
+
+
+def _summary(runs: list[dict]) -> dict:
+    times = [r["seconds_to_k"] if r["reached_k"] else r["seconds_total"] for r in runs]
+    return {
+        "runs": len(runs),
+        "median_seconds_to_k": statistics.median(times),
+        "share_reaching_k": sum(r["reached_k"] for r in runs) / len(runs),
+        "share_without_rationalisation": sum(not r["needed_rationalisation"] for r in runs) / len(runs),
+        "free_acceptance": sum(r["accepted_free"] for r in runs) / max(1, sum(r["sampled_free"] for r in runs)),
+        "tokens_per_second": sum(r["tokens"] for r in runs) / sum(r["seconds_total"] for r in runs),
+    }
+
+
+def batch_sweep(lm, cases, sampling: SamplingConfig, sizes: list[int], samples: int) -> list[dict]:
+    """Accepted (free) traces per second for each decoding batch size, ``samples`` draws per case."""
+    rows = []
+    for size in sizes:
+        rejection = RejectionConfig(k=16, budget=samples, rationalise=False, batch=size, negatives=0)
+        accepted = seconds = tokens = 0
+        for i, case in enumerate(cases):
+            run = time_to_k(lm, case, replace(sampling, k=min(size, 16), seed=1000 + i), rejection, True)
+            accepted += run["accepted_free"]
+            seconds += run["seconds_total"]
+            tokens += run["tokens"]
+        rows.append({"batch": size, "accepted": accepted, "sampled": samples * len(cases), "seconds": seconds,
+                     "accepted_per_second": accepted / seconds, "tokens_per_second": tokens / seconds})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cases", type=int, default=24, help="library cases, evenly spaced")
+    parser.add_argument("--batches", default="4,8,12,16", help="decoding batch sizes to sweep ('' to skip)")
+    parser.add_argument("--sweep-cases", type=int, default=4)
+    parser.add_argument("--sweep-samples", type=int, default=48, help="per case; 48 divides into every batch size swept")
+    parser.add_argument("--json-out", default="bench/rankable.json")
+    args = parser.parse_args(argv)
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    library = load_library(default_cases_dir())
+    step = max(1, len(library) // args.cases)
+    cases = library[::step][: args.cases]
+    sampling = SamplingConfig(seed=1)
+    rejection = RejectionConfig()
+    result = {"machine": machine(), "model": args.model, "sampling": asdict(sampling), "rejection": asdict(rejection)}
+    for label, pristine in (("first_generation", True), ("after_updates", False)):
+        runs = []
+        for i, case in enumerate(cases if pristine else cases[: max(1, len(cases) // 3)]):
+            runs.append(time_to_k(lm, case, replace(sampling, seed=100 * i), rejection, pristine))
+            print(json.dumps(runs[-1]), flush=True)
+        result[label] = {"summary": _summary(runs), "runs": runs}
+        print(label, json.dumps(result[label]["summary"]), flush=True)
+    sizes = [int(x) for x in args.batches.split(",") if x.strip()]
+    if sizes:
+        result["batch_sweep"] = batch_sweep(lm, library[::max(1, len(library) // args.sweep_cases)][: args.sweep_cases],
+                                            sampling, sizes, args.sweep_samples)
+    save_json(result, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    from rlhf_core.allocator import use_preferred_allocator
+
+    use_preferred_allocator()
+    main()
