@@ -114,7 +114,7 @@ def diagnose(
             on_case(row)
     seconds = time.perf_counter() - started
     return {
-        "settings": {"model": lm.name, "samples": samples, "seed": seed, **asdict(base)},
+        "settings": {**asdict(base), "model": lm.name, "samples": samples, "seed": seed},
         "cases": rows,
         "overall": _summary(rows),
         "multiple_choice": _summary([r for r in rows if r["kind"] == "multiple_choice"]),

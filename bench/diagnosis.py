@@ -1,0 +1,77 @@
+"""README's diagnosis table: un-hinted acceptance of the default model over the library.
+
+    python -m bench.diagnosis            # re-measure the current code (~30 min on 2 cores), rewrite README
+    python -m bench.diagnosis --no-run   # rewrite README from the stored reports only
+
+The reports are ``python -m rlhf_core diagnose`` JSON files in bench/diagnosis/:
+``before.json`` was measured on the code before the conclusion step (kept as the
+record it is), ``after.json`` is the current code, re-measured by this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "bench" / "diagnosis"
+BEGIN, END = "<!-- BEGIN diagnosis results -->", "<!-- END diagnosis results -->"
+LABELS = {"before": "before (free text, old prompt)", "after": "now (constrained conclusion, default settings)"}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table(reports: dict[str, dict]) -> str:
+    first = next(iter(reports.values()))["settings"]
+    rows = [
+        f"Model `{first['model']}`, {first['samples']} un-hinted samples per case, temperature "
+        f"{first['temperature']}, seed {first['seed']}, the whole bundled library.",
+        "",
+        "| code | cases | accepted (all) | multiple choice | free text | concluded | cases with >= 1 accepted | "
+        "main rejection reasons | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in reports.items():
+        o, mc, ft = r["overall"], r["multiple_choice"], r["free_text"]
+        reasons = ", ".join(f"{k} {v}" for k, v in list(o["rejected_by_reason"].items())[:3])
+        tokens = r["settings"].get("max_new_tokens")
+        rows.append(
+            f"| {LABELS.get(name, name)}, {tokens} tokens | {o['cases']} | {o['accepted']}/{o['sampled']} "
+            f"({_pct(o['acceptance'])}) | {_pct(mc['acceptance'])} | {_pct(ft['acceptance'])} | "
+            f"{_pct(o['concluded'])} | {_pct(o['cases_with_an_accepted_trace'])} | {reasons} | "
+            f"{r['tokens_per_second']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN not in content:
+        raise SystemExit(f"README.md has no {BEGIN} marker")
+    readme.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-run", action="store_true", help="do not re-measure; use the stored reports")
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args(argv)
+    if not args.no_run:
+        subprocess.run([sys.executable, "-m", "rlhf_core", "diagnose", "--model", args.model, "--summary",
+                        "--json-out", str(REPORTS / "after.json")], check=True, cwd=ROOT)
+    reports = {name: json.loads((REPORTS / f"{name}.json").read_text()) for name in ("before", "after")
+               if (REPORTS / f"{name}.json").exists()}
+    text = table(reports)
+    print(text)
+    write_readme(text)
+
+
+if __name__ == "__main__":
+    main()
