@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import untrusted
+
 
 @dataclass
 class SafetyInfo:
@@ -151,6 +153,7 @@ class Case:
 MAX_FILE_BYTES = 20 * 1024 * 1024  # files larger than this are refused before reading
 MAX_FIELD_CHARS = 20_000  # longest accepted text in any one field
 MAX_CASES = 50_000  # most cases accepted from one file
+MAX_OPTIONS = 10  # options a prompt can letter (A-J); more are refused at load
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".csv")
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -182,9 +185,40 @@ def default_cases_dir() -> Path:
 
 # -- small helpers -----------------------------------------------------------
 
-_LETTER_LINE = re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Za-z])[.):])\s*(.*?)\s*$", re.S)
-_BARE_LETTER = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.):]?\s*$")
-_INT = re.compile(r"^\s*(-?\d+)(?:\.0*)?\s*$")
+# Every pattern here runs on user text, so each is linear: one quantified run per
+# stretch of input, none followed by an overlapping one (the old "\s*(.*?)\s*$"
+# took quadratic time on a long space run: 20 kB of option text took 1.1 s).
+# Callers strip the text first; _Match.text strips the captured rest.
+_LETTER_LINE_RE = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(.*)", re.S)
+_BARE_LETTER_RE = re.compile(r"\(?([A-Za-z])\)?\s*[.):]?")
+_INT_RE = re.compile(r"(-?\d{1,%d})(?:\.0*)?" % untrusted.MAX_INT_DIGITS)
+
+
+class _Match:
+    """The groups of a letter-line match, with the option text stripped."""
+
+    def __init__(self, m: re.Match):
+        self._m = m
+
+    def group(self, i: int) -> str | None:
+        value = self._m.group(i)
+        return value.strip() if i == 3 and value is not None else value
+
+
+class _Pattern:
+    """A pattern matched against the whole of the stripped text (``fullmatch``)."""
+
+    def __init__(self, regex: re.Pattern, wrap: bool = False):
+        self._regex, self._wrap = regex, wrap
+
+    def match(self, text: str):
+        m = self._regex.fullmatch(text.strip())
+        return _Match(m) if (m and self._wrap) else m
+
+
+_LETTER_LINE = _Pattern(_LETTER_LINE_RE, wrap=True)
+_BARE_LETTER = _Pattern(_BARE_LETTER_RE)
+_INT = _Pattern(_INT_RE)
 
 
 def _norm(text: str) -> str:
@@ -229,7 +263,12 @@ def _text(value: Any, name: str, ctx: _Ctx, required: bool = False) -> str | Non
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ctx.error(f"{name} must be text, got {type(value).__name__}")
-    return str(value).strip()
+    text = untrusted.clean_id(str(value)) if name == "id" else untrusted.clean_text(str(value))
+    if not text:
+        if required:
+            raise ctx.error(f"{name} has no visible text")
+        return None
+    return text
 
 
 def _str_list(value: Any, name: str, ctx: _Ctx, split_pipes: bool = True) -> list[str]:
@@ -246,7 +285,7 @@ def _str_list(value: Any, name: str, ctx: _Ctx, split_pipes: bool = True) -> lis
     for item in parts:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
             raise ctx.error(f"{name} must be a list of text, found {type(item).__name__}")
-        item = str(item).strip()
+        item = untrusted.clean_text(str(item))
         if item:
             out.append(item)
     return out
@@ -269,9 +308,12 @@ def _parse_safety(value: Any, ctx: _Ctx) -> SafetyInfo:
         return SafetyInfo()
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ctx.error(f"safety is not valid JSON ({exc.msg} at char {exc.pos})") from None
+            value = untrusted.loads(value)
+        except ValueError as exc:
+            raise ctx.error(f"safety is {exc}") from None
+        trouble = untrusted.problem(value, MAX_FIELD_CHARS)
+        if trouble:
+            raise ctx.error(f"safety: {trouble}")
     if not isinstance(value, dict):
         raise ctx.error(f"safety must be a JSON object, got {type(value).__name__}")
     unknown = sorted(set(value) - set(SAFETY_KEYS))
@@ -374,9 +416,14 @@ def _parse_options(value: Any, ctx: _Ctx) -> tuple[list[str] | None, list[str]]:
     for letter, item in zip(letters, texts):
         if _blank(item) or isinstance(item, bool) or not isinstance(item, (str, int, float)):
             raise ctx.error(f"options: option {letter} is empty or not text")
-        clean.append(str(item).strip())
+        item = untrusted.clean_text(str(item))
+        if not item:
+            raise ctx.error(f"options: option {letter} has no visible text")
+        clean.append(item)
     if len(clean) < 2:
         raise ctx.error(f"options: need at least 2 options, found {len(clean)}")
+    if len(clean) > MAX_OPTIONS:
+        raise ctx.error(f"options: {len(clean)} options, more than the {MAX_OPTIONS} (A-J) a prompt can letter")
     return clean, letters
 
 
@@ -554,10 +601,12 @@ def _json_lines(text: str, path: Path) -> list[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise CaseFormatError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
                                   lineno) from None
+        except (RecursionError, ValueError) as exc:
+            raise CaseFormatError(path, _unusable_json(exc), lineno) from None
         records.append((lineno, obj))
         _count_check(len(records), path, lineno, "line")
     return records
@@ -565,7 +614,7 @@ def _json_lines(text: str, path: Path) -> list[tuple[int, Any]]:
 
 def _json_array(text: str, path: Path) -> list[tuple[int, Any]]:
     """Parse a JSON array element by element so each record keeps its line number."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_refuse_constant)
     ws = re.compile(r"\s*")
     records: list[tuple[int, Any]] = []
     # line numbers are counted incrementally: recounting from the start of the text
@@ -596,6 +645,8 @@ def _json_array(text: str, path: Path) -> list[tuple[int, Any]]:
             except json.JSONDecodeError as exc:
                 raise CaseFormatError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
                                       exc.lineno) from None
+            except (RecursionError, ValueError) as exc:
+                raise CaseFormatError(path, _unusable_json(exc), lineno(i)) from None
             records.append((lineno(i), obj))
             _count_check(len(records), path, lineno(i), "line")
             i = ws.match(text, end).end()
@@ -617,18 +668,30 @@ def _json_file(text: str, path: Path) -> list[tuple[int, Any]]:
     if stripped.startswith("["):
         return _json_array(text, path)
     try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as exc:
+        whole = json.loads(text, parse_constant=_refuse_constant)
+    except (RecursionError, ValueError) as exc:
         # JSON lines in a .json file (e.g. MedMCQA) when the first record sits on one
         # line; otherwise it is one (pretty-printed) document and its own error, with
         # the line where parsing failed, is the useful one.
         first_line = stripped.split("\n", 1)[0].strip()
         if first_line.startswith("{") and first_line.endswith("}"):
             return _json_lines(text, path)
+        if not isinstance(exc, json.JSONDecodeError):
+            raise CaseFormatError(path, _unusable_json(exc), 1) from None
         raise CaseFormatError(path, f"invalid JSON: {exc.msg} (column {exc.colno})",
                               exc.lineno) from None
     first = len(text) - len(stripped)
     return [(text.count("\n", 0, first) + 1, whole)]
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a usable number")
+
+
+def _unusable_json(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply"
+    return f"unusable JSON: {exc}"
 
 
 def _csv_file(text: str, path: Path) -> list[tuple[int, Any]]:
@@ -642,7 +705,7 @@ def _csv_file(text: str, path: Path) -> list[tuple[int, Any]]:
         for fields in reader:
             row += 1
             if header is None:
-                header = [h.strip().lower() for h in fields]
+                header = [untrusted.clean_id(h).lower() for h in fields]
                 if not any(header):
                     raise CaseFormatError(path, "the header row is empty", row, "row")
                 dupes = sorted({h for h in header if h and header.count(h) > 1})
@@ -677,13 +740,27 @@ def _read_text(path: Path) -> str:
                                     f"MAX_FILE_BYTES={MAX_FILE_BYTES}")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        # "utf-8-sig" drops one BOM; an editor that added a second would hide the
+        # CSV header's first column ("\ufeffid"), so every leading BOM goes
+        text = raw.decode("utf-8-sig").lstrip("\ufeff")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise CaseFormatError(path, f"not valid UTF-8 text ({exc.reason})", line) from None
     if not text.strip():
         raise CaseFormatError(path, "file is empty")
     return text
+
+
+def case_from_record(record: Any, path: str | os.PathLike, line: int) -> Case:
+    """One record (e.g. the ``case`` of an imported ranking) checked exactly as a case
+    file's would be; CaseFormatError names ``path`` and ``line``."""
+    path = Path(path)
+    if not isinstance(record, dict):
+        raise CaseFormatError(path, f"case must be a JSON object, got {type(record).__name__}", line)
+    trouble = untrusted.problem(record, MAX_FIELD_CHARS)
+    if trouble:
+        raise CaseFormatError(path, f"case: {trouble}", line)
+    return _record_to_case(record, _Ctx(path, line, "line"), cop_base=0)
 
 
 def load_cases(path: str | os.PathLike) -> list[Case]:
@@ -714,6 +791,10 @@ def _load_with_positions(path: Path) -> list[tuple[Case, str]]:
         if not isinstance(rec, dict):
             raise CaseFormatError(path, f"expected a JSON object, got {type(rec).__name__}",
                                   pos, unit)
+        # lengths, depth and numbers before any pattern runs on the text
+        trouble = untrusted.problem(rec, MAX_FIELD_CHARS)
+        if trouble:
+            raise CaseFormatError(path, trouble, pos, unit)
 
     # MedMCQA's cop base is a property of the file (see the notes at the top).
     zero = one_based = first_int = None

@@ -99,7 +99,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .export import import_file
+    from .importer import import_file
 
     store = _open_store(args.db, must_exist=False)
     counts = import_file(store, args.file, workspace=args.workspace, annotator=args.annotator)

@@ -395,7 +395,7 @@ class Engine:
     def import_file(self, path, annotator: str | None = None) -> dict:
         """Import a ``rankings`` export or a TRL pair file into the active workspace
         (see ``export.import_file``); the policy is not updated. Returns counts."""
-        from .export import import_file
+        from .importer import import_file
 
         return import_file(self._require_store(), path, self.workspace, annotator)
 

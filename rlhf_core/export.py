@@ -31,12 +31,7 @@ interprets (``images``, ``tools``, ``chat_template_kwargs``...).
 one; in ``rankings`` the trace is removed from the order and a ranking left
 with fewer than two traces is dropped).
 
-``import_file`` reads a ``rankings`` export back into a workspace, and also
-TRL pair files (conversational or text). Pairs written by our own export carry
-their ranking's uid, trace ids and ranks, so each K-way ranking is put back
-together; other pairs become two-trace rankings. Importing the same data twice
-adds nothing: rankings are keyed by ``ranking_uid`` (foreign pairs by their
-content and annotator) and traces by ``trace_id``.
+``importer.import_file`` reads a ``rankings`` export or TRL pair file back in.
 """
 from __future__ import annotations
 
@@ -48,12 +43,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .cases import Case
-from .generation import Trace
 from .prompts import build_messages
-from .store import Store, content_id
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +74,6 @@ def plain_prompt(prompt: list[dict] | str) -> str:
     user = "\n".join(m["content"] for m in prompt if m["role"] == "user")
     text = (system + "\n\n" if system else "") + "Case: " + user + "\n\nReasoning:\n"
     return text
-
-
-def _completion_text(value: Any) -> str:
-    """The assistant text of a TRL completion (a string or a list of messages)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        parts = [str(m.get("content", "")) for m in value if m.get("role", "assistant") == "assistant"]
-        if parts:
-            return "\n".join(parts)
-    raise ValueError(f"expected a string or a list of assistant messages, got {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------- reading the store
@@ -343,185 +326,3 @@ def checkpoint_archive(directory: str | os.PathLike, out: str | os.PathLike | No
     out.parent.mkdir(parents=True, exist_ok=True)
     base = str(out)[: -len(".zip")] if str(out).endswith(".zip") else str(out)
     return Path(shutil.make_archive(base, "zip", root_dir=directory))
-
-
-# --------------------------------------------------------------------------- import
-
-
-def read_jsonl_objects(path: str | Path, empty_message: str = "no rows to import") -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON lines file; a clear
-    ValueError naming the file and line for anything that is not a JSON object."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {lineno}: expected a JSON object")
-            rows.append((lineno, row))
-    if not rows:
-        raise ValueError(f"{path}: {empty_message}")
-    return rows
-
-
-def _imported_trace(case_id: str, d: dict, default_id: str) -> Trace:
-    return Trace(
-        case_id=case_id,
-        prompt_ids=[],
-        completion_ids=[],
-        text=str(d["text"]),
-        finish_reason=str(d.get("finish_reason") or ""),
-        old_logps=[],
-        ref_logps=[],
-        policy_version=int(d["policy_version"]) if d.get("policy_version") is not None else 0,
-        rationalised=bool(d.get("rationalised", False)),
-        sampling=d.get("sampling") or {},
-        trace_id=str(d.get("trace_id") or default_id),
-        verdict=d.get("verdict"),
-        safety=d.get("safety"),
-        conclusion=d.get("conclusion") if isinstance(d.get("conclusion"), dict) else None,
-    )
-
-
-_PAIR_KEYS = ("ranking_uid", "chosen_trace_id", "rejected_trace_id", "chosen_rank", "rejected_rank")
-
-
-def _regroup_pairs(rows: list[tuple[int, dict]], path: Path) -> list[tuple[int, dict]]:
-    """Pair rows written by our own ``trl`` / ``trl-text`` export carry their
-    ranking's uid, trace ids and ranks: put each ranking back together (so it
-    dedupes against a ``rankings`` import of the same data). Other rows pass through."""
-    out: list[tuple[int, dict]] = []
-    groups: dict[str, dict] = {}
-    for lineno, row in rows:
-        if not ({"prompt", "chosen", "rejected"} <= row.keys() and all(row.get(k) is not None for k in _PAIR_KEYS)):
-            out.append((lineno, row))
-            continue
-        uid = str(row["ranking_uid"])
-        group = groups.get(uid)
-        if group is None:
-            group = {
-                "ranking_uid": uid,
-                "prompt": row["prompt"],
-                "case_id": row.get("case_id"),
-                "annotator": row.get("annotator"),
-                "policy_version": row.get("policy_version"),
-                "created": row.get("created"),
-                "traces": [],
-                "_texts": {},
-            }
-            groups[uid] = group
-            out.append((lineno, group))
-        elif group["prompt"] != row["prompt"]:
-            raise ValueError(f"{path}: line {lineno}: ranking {uid} appears with two different prompts")
-        for side in ("chosen", "rejected"):
-            tid, text = str(row[f"{side}_trace_id"]), _completion_text(row[side])
-            known = group["_texts"].get(tid)
-            if known is None:
-                group["_texts"][tid] = text
-                group["traces"].append(
-                    {
-                        "trace_id": tid,
-                        "rank": int(row[f"{side}_rank"]),
-                        "text": text,
-                        "rationalised": bool(row.get(f"{side}_rationalised", row.get("rationalised", False))),
-                    }
-                )
-            elif known != text:
-                raise ValueError(f"{path}: line {lineno}: trace {tid} appears with two different texts")
-    for group in groups.values():
-        del group["_texts"]
-        ranks = [t["rank"] for t in group["traces"]]
-        if ranks.count(max(ranks)) > 1:  # the traces tied at the bottom were below the line
-            for t in group["traces"]:
-                t["below_the_line"] = t["rank"] == max(ranks)
-    return out
-
-
-def import_file(store: Store, path: str | os.PathLike, workspace: str = "default", annotator: str | None = None) -> dict:
-    """Import a ``rankings`` export or a TRL pair file (conversational or text)
-    into ``workspace`` (created if missing). Imported traces carry text, verdict
-    and safety but no token data: they are training data for export and offline
-    training, and count in the agreement view; the live policy is not updated.
-
-    Returns counts: {"rows", "rankings_added", "rankings_skipped", "traces_added"}.
-    ``annotator`` overrides the annotator of every imported row; otherwise a
-    row's own ``annotator`` is kept, or ``import:<file name>`` when it has none.
-    """
-    path = Path(path)
-    rows = _regroup_pairs(read_jsonl_objects(path), path)
-    store.ensure_workspace(workspace)
-    source = f"import:{path.name}"
-    existing_uids = {r["uid"] for r in store.rankings(workspace)}
-    traces_before = store.count("traces", workspace)
-    added = skipped = 0
-    for lineno, row in rows:
-        where = f"{path}: line {lineno}"
-        try:
-            if "traces" in row and "ranking_uid" in row:
-                uid = str(row["ranking_uid"])
-                if uid in existing_uids:
-                    skipped += 1
-                    continue
-                case = Case.from_dict(row["case"]) if row.get("case") else None
-                case_id = str(row.get("case_id") or (case.id if case else content_id(row["prompt"], prefix="import-case-")))
-                trace_dicts = sorted(row["traces"], key=lambda d: d.get("rank", 0))
-                traces = [
-                    _imported_trace(case_id, d, content_id(row["prompt"], d["text"])) for d in trace_dicts
-                ]
-                below = sum(bool(d.get("below_the_line")) for d in trace_dicts)
-                if below and any(d.get("below_the_line") for d in trace_dicts[: len(trace_dicts) - below]):
-                    raise ValueError("traces below the line must come after every ranked trace")
-                comments = dict(row.get("comments") or {})
-                for d, t in zip(trace_dicts, traces):
-                    if d.get("comment") and t.trace_id not in comments:
-                        comments[t.trace_id] = d["comment"]
-                store.record_ranking(
-                    workspace, traces, list(range(len(traces))), annotator or row.get("annotator") or source,
-                    comments=comments, note=row.get("note") or "", case=case, prompt=row["prompt"],
-                    policy_version=row.get("policy_version"), uid=uid, created=row.get("created"), source=source,
-                    ranked=len(traces) - below if below else None,
-                )
-            elif {"prompt", "chosen", "rejected"} <= row.keys():
-                if row.get("ranking_uid") and str(row["ranking_uid"]) in existing_uids:
-                    skipped += 1  # the full ranking this pair came from is already here
-                    continue
-                prompt = row["prompt"]
-                if not isinstance(prompt, (str, list)):
-                    raise ValueError("prompt must be a string or a list of messages")
-                chosen, rejected = _completion_text(row["chosen"]), _completion_text(row["rejected"])
-                who = annotator or row.get("annotator") or source
-                uid = content_id("pair", prompt, chosen, rejected, who)
-                if uid in existing_uids:
-                    skipped += 1
-                    continue
-                case_id = str(row.get("case_id") or content_id(prompt, prefix="import-case-"))
-                traces = [
-                    _imported_trace(case_id, {"text": chosen, "trace_id": row.get("chosen_trace_id")}, content_id(prompt, chosen)),
-                    _imported_trace(case_id, {"text": rejected, "trace_id": row.get("rejected_trace_id")}, content_id(prompt, rejected)),
-                ]
-                if traces[0].trace_id == traces[1].trace_id:
-                    raise ValueError("chosen and rejected are the same trace")
-                either = bool(row.get("rationalised", False))
-                traces[0].rationalised = bool(row.get("chosen_rationalised", either))
-                traces[1].rationalised = bool(row.get("rejected_rationalised", either))
-                store.record_ranking(
-                    workspace, traces, [0, 1], who, prompt=prompt, policy_version=row.get("policy_version"),
-                    uid=uid, created=row.get("created"), source=source,
-                )
-            else:
-                raise ValueError("neither a rankings row (ranking_uid, traces) nor a preference pair (prompt, chosen, rejected)")
-        except (KeyError, TypeError, ValueError) as err:
-            detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
-            raise ValueError(f"{where}: {detail}") from None
-        existing_uids.add(uid)
-        added += 1
-    return {
-        "rows": len(rows),
-        "rankings_added": added,
-        "rankings_skipped": skipped,
-        "traces_added": store.count("traces", workspace) - traces_before,
-    }

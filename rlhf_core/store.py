@@ -200,7 +200,7 @@ def now() -> str:
 
 
 def check_workspace_name(name: str) -> str:
-    if not isinstance(name, str) or not WORKSPACE_NAME.match(name):
+    if not isinstance(name, str) or not WORKSPACE_NAME.fullmatch(name):
         raise ValueError(
             f"workspace name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
@@ -238,6 +238,7 @@ class Store:
         self.path = Path(path) if path is not None else default_db_path()
         self.readonly = readonly
         self._lock = threading.RLock()
+        self._batch_depth = 0  # > 0 while this thread holds a ``batch`` transaction open
         if readonly:
             if not self.path.is_file():
                 raise FileNotFoundError(f"database not found: {self.path}")
@@ -275,10 +276,14 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error).
+        Inside ``batch`` it joins the batch's transaction instead."""
         if self.readonly:
             raise ValueError(f"{self.path} is open read-only")
         with self._lock:
+            if self._batch_depth:
+                yield self._conn
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
@@ -286,6 +291,28 @@ class Store:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["Store"]:
+        """All writes in the block are one transaction: all of them commit, or (on any
+        exception) none. Other threads wait for the lock until it ends, so keep
+        parsing and other slow work outside the block."""
+        with self._tx():
+            self._batch_depth += 1
+            try:
+                yield self
+            finally:
+                self._batch_depth -= 1
+
+    def trace_texts(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, str]:
+        """{trace id: text} for those of ``trace_ids`` the workspace holds."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(list(trace_ids), 500):
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT trace_id, text FROM traces WHERE workspace = ? AND trace_id IN ({marks})",
+                                 [workspace, *chunk]):
+                out[r["trace_id"]] = r["text"]
+        return out
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -43,7 +43,7 @@ log = logging.getLogger("rlhf_core.train")
 
 def read_preferences(path: str | Path, exclude_rationalised: bool = False) -> list[dict]:
     """Rows with prompt / chosen / rejected from a JSON lines file."""
-    from .export import read_jsonl_objects
+    from .importer import read_jsonl_objects
 
     rows = []
     for lineno, row in read_jsonl_objects(path, empty_message="no preference pairs"):

@@ -11,11 +11,11 @@ from rlhf_core.export import (
     checkpoint_archive,
     export,
     export_file,
-    import_file,
     kendall_tau,
     plain_prompt,
 )
 from rlhf_core.generation import Trace
+from rlhf_core.importer import import_file
 from rlhf_core.prompts import build_messages
 from rlhf_core.store import Store
 

@@ -35,9 +35,11 @@ from typing import Callable, Iterator
 
 from rlhf_core.cases import Case, CaseFormatError, default_cases_dir, load_library
 from rlhf_core.checkpoint import read_manifest
+from rlhf_core.conclusion import candidates as conclusion_candidates
 from rlhf_core.engine import Engine
 from rlhf_core.generation import SamplingConfig, Trace
 from rlhf_core.models import DEFAULT_MODEL, REGISTRY, availability
+from rlhf_core.prompts import build_messages
 from rlhf_core.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
 from rlhf_core.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.update import DPOConfig, GRPOConfig, default_lr
@@ -383,6 +385,12 @@ class ControlRoom:
         clashes = [c.id for c in cases if c.id in self.cases and self.cases[c.id] != c]
         if clashes:
             raise ValueError(f"case id(s) already in the library with other content: {', '.join(clashes[:5])}")
+        for c in cases:  # every case must make a prompt before any joins the picker
+            try:
+                build_messages(c)
+                conclusion_candidates(c)
+            except (ValueError, IndexError, KeyError) as err:
+                raise ValueError(f"case {c.id!r} cannot be prompted: {err}") from None
         with self._meta:
             for c in cases:
                 self.cases[c.id] = c
@@ -625,7 +633,7 @@ class ControlRoom:
             return self.describe()
 
     def checkpoint_path(self, name: str) -> Path:
-        if not CHECKPOINT_NAME.match(name or ""):
+        if not CHECKPOINT_NAME.fullmatch(name or ""):
             raise ValueError("Checkpoint names use letters, digits, '.', '_' and '-' (at most 64, not starting with a dot).")
         return self.checkpoint_dir / name
 
