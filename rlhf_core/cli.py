@@ -19,6 +19,11 @@ from pathlib import Path
 from .models import DEFAULT_MODEL, REGISTRY, ModelUnavailableError
 
 
+def _fmt(value) -> str:
+    """A metric that may be None (a skipped step has no finite loss)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _default_db() -> str:
     from .store import default_db_path
 
@@ -69,8 +74,8 @@ def _simulate(args: argparse.Namespace) -> int:
             out.write(json.dumps(metrics) + "\n")
             out.flush()
             print(
-                f"update {metrics['update']}: {metrics['case_id']} loss={metrics['loss']:.4f} "
-                f"kl={metrics['kl']:.4f} accept={metrics['acceptance_rate']:.2f} version={metrics['version']} "
+                f"update {metrics['update']}: {metrics['case_id']} loss={_fmt(metrics['loss'])} "
+                f"kl={_fmt(metrics['kl'])} accept={metrics['acceptance_rate']:.2f} version={metrics['version']} "
                 f"({metrics['seconds']:.1f}s update, {metrics['generation_seconds']:.1f}s sampling)",
                 file=sys.stderr,
             )

@@ -486,7 +486,12 @@ class Engine:
                 cfg = dict(store.ranking(ranking_id)["update_config"])
                 extra = {"replayed": True}
             algorithm = cfg.pop("algorithm")
-            config = make_config(algorithm, **cfg)
+            try:
+                config = make_config(algorithm, **cfg)
+            except (TypeError, ValueError) as err:  # e.g. a value outside today's bounds
+                store.set_ranking_status(ranking_id, "failed", f"cannot replay its settings: {err}")
+                log.warning("could not replay ranking %s: %s", ranking_id, err)
+                continue
             try:
                 self._apply(ranking_id, traces, ranking, config, None, extra, supersedes=old["id"] if old else None, ranked=ranked)
             except (ValueError, RuntimeError) as err:

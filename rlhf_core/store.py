@@ -787,7 +787,11 @@ class Store:
                 (workspace, ranking_id, algorithm, json.dumps(config), json.dumps(_jsonable(metrics)), int(version), now()),
             )
             update_id = int(cur.lastrowid)
-            if ranking_id is not None:
+            if ranking_id is not None and metrics.get("skipped"):
+                # trained on but the weights are unchanged (every step skipped, or rolled back): not "applied"
+                conn.execute("UPDATE rankings SET status = 'failed', status_detail = ? WHERE id = ?",
+                             (str(metrics.get("skip_reason") or "no step applied"), ranking_id))
+            elif ranking_id is not None:
                 conn.execute("UPDATE rankings SET status = 'applied', status_detail = NULL WHERE id = ?", (ranking_id,))
             if supersedes is not None:
                 conn.execute("UPDATE updates SET superseded = 1 WHERE id = ? AND workspace = ?", (supersedes, workspace))

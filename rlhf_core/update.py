@@ -7,11 +7,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .bounds import Range, check_fields
 from .cpu_linear import onednn_linear
 from .generation import Trace
 from .logprobs import collate, completion_logps
@@ -21,68 +22,64 @@ from .models import LoadedModel
 ALGORITHMS = ("dpo", "grpo")
 
 
+def _knob(default, help: str, range_: Range | None = None, **extra):
+    """A config field documented once: its help text and accepted range (``bounds``)."""
+    metadata = {"help": help, **extra}
+    if range_ is not None:
+        metadata["range"] = range_
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class OptimConfig:
     """Optimiser settings shared by both algorithms."""
 
-    lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 5e-5 for LoRA
-    steps: int = 2  # optimisation steps on one ranking
-    max_grad_norm: float = 1.0  # gradient clipping threshold (L2 over all trainable parameters)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    lr: float | None = _knob(None, "AdamW learning rate; empty: 5e-6 for full fine-tuning, 5e-5 for LoRA.",
+                             Range(1e-7, 1e-3), label="learning rate")
+    steps: int = _knob(2, "Optimisation steps on one ranking.", Range(1, 20, integer=True))
+    max_grad_norm: float = _knob(1.0, "Gradient clipping threshold (L2 over all trainable parameters).",
+                                 Range(0.0, 100.0, open_low=True))
+    weight_decay: float = _knob(0.0, "AdamW decoupled weight decay.", Range(0.0, 1.0))
+    max_kl: float = _knob(3.0, "Guard-rail: an update that leaves the policy more than this many nats/token "
+                               "from the reference (on the ranked traces) is rolled back.",
+                          Range(0.0, 50.0, open_low=True), label="KL ceiling")
     # recompute each decoder layer in backward: ~1 GB less peak memory on SmolLM2
     # (4 x 120 tokens) for ~25% more update time; None: only when memory is short
-    checkpoint_activations: bool | None = None
+    checkpoint_activations: bool | None = _knob(None, "Recompute decoder layers in backward (less memory, slower).")
 
     def __post_init__(self) -> None:
-        if self.lr is not None and not (0 < self.lr <= 1e-1):
-            raise ValueError(f"learning rate must be in (0, 0.1], got {self.lr}")
-        if not 1 <= self.steps <= 100:
-            raise ValueError(f"steps must be between 1 and 100, got {self.steps}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        check_fields(self)
 
 
 @dataclass
 class DPOConfig(OptimConfig):
     """DPO on every (better, worse) pair of a ranking."""
 
-    beta: float = 0.1  # strength of the implicit KL constraint
-    loss_type: str = "sigmoid"  # "sigmoid" | "ipo" | "hinge" | "robust"
-    label_smoothing: float = 0.0  # assumed label-flip probability (sigmoid / robust)
+    beta: float = _knob(0.1, "DPO: strength of the implicit KL constraint.", Range(0.01, 10.0))
+    loss_type: str = _knob("sigmoid", "DPO loss variant: sigmoid | ipo | hinge | robust.")
+    label_smoothing: float = _knob(0.0, "Assumed label-flip probability (sigmoid / robust).", Range(0.0, 0.49))
 
     algorithm = "dpo"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.beta > 0:
-            raise ValueError(f"DPO beta must be > 0, got {self.beta}")
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"DPO loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass
 class GRPOConfig(OptimConfig):
     """GRPO with rewards from rank (best 1.0 ... worst 0.0)."""
 
-    beta: float = 0.04  # weight of the k3 KL penalty to the reference
-    clip_eps: float = 0.2  # lower clip range of the importance ratio
-    clip_eps_high: float | None = None  # upper clip range; None means clip_eps
-    loss_type: str = "grpo"  # "grpo" | "bnpo" | "dr_grpo"
+    beta: float = _knob(0.04, "GRPO: weight of the k3 KL penalty to the reference.", Range(0.0, 10.0))
+    clip_eps: float = _knob(0.2, "Lower clip range of the importance ratio.", Range(0.0, 0.9, open_low=True))
+    clip_eps_high: float | None = _knob(None, "Upper clip range; empty: clip_eps.", Range(0.0, 10.0, open_low=True))
+    loss_type: str = _knob("grpo", "GRPO loss variant: grpo | bnpo | dr_grpo.")
 
     algorithm = "grpo"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta < 0:
-            raise ValueError(f"GRPO beta must be >= 0, got {self.beta}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
-            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"GRPO loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
 
@@ -170,6 +167,29 @@ def default_lr(lm: LoadedModel) -> float:
     return 5e-5 if lm.lora is not None else 5e-6
 
 
+def _finite(value) -> float | None:
+    """A metric as a JSON-safe float: None where it is NaN or infinite."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _snapshot(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict]:
+    """Copies of the trainable weights and the optimiser state (restored by ``_restore``)."""
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+             for p in params if p in optimizer.state}
+    return [p.detach().clone() for p in params], state
+
+
+def _restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved) -> None:
+    weights, state = saved
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    optimizer.state.clear()
+    for p, s in state.items():
+        optimizer.state[p] = s
+
+
 def _padded(rows: list[list[float]], t: int, device) -> torch.Tensor:
     out = torch.zeros((len(rows), t), dtype=torch.float32)
     for i, r in enumerate(rows):
@@ -230,6 +250,9 @@ class PolicyTrainer:
         prompts = {tuple(t.prompt_ids) for t in traces}
         if len(prompts) != 1:
             raise ValueError("all ranked traces must answer the same prompt")
+        for i, tr in enumerate(traces):
+            if not all(map(math.isfinite, itertools.chain(tr.old_logps, tr.ref_logps))):
+                raise ValueError(f"trace {i} ({tr.trace_id}) has non-finite stored log-probs: it cannot be trained on")
         lm = self.lm
         started = time.perf_counter()
         batch = collate(
@@ -243,6 +266,7 @@ class PolicyTrainer:
         old_logps = _padded([tr.old_logps for tr in traces], t, lm.device) * mask
         optimizer = self._optimizer(config)
         params = lm.trainable_parameters
+        saved = _snapshot(params, optimizer)  # for the KL guard-rail's rollback
         recompute = use_activation_checkpointing(config, lm.device)
 
         if config.algorithm == "dpo":
@@ -280,25 +304,27 @@ class PolicyTrainer:
                             optimizer.step()
                             applied += 1
                     optimizer.zero_grad(set_to_none=True)
-                    record = {k: float(v) for k, v in metrics.items()}
-                    record.update(loss=float(loss.detach()), grad_norm=grad_norm, step=step, skipped=skipped)
+                    record = {k: _finite(v) for k, v in metrics.items()}
+                    record.update(loss=_finite(loss.detach()), grad_norm=_finite(grad_norm), step=step, skipped=skipped)
                     step_metrics.append(record)
                     if on_step is not None:
                         on_step(dict(record))
             finally:
                 lm.model.train(False)
 
+        kl = self._kl(batch, ref_logps, mask)
+        rolled_back = None
+        if applied and not kl <= config.max_kl:  # "not <=": a NaN KL is rolled back too
+            _restore(params, optimizer, saved)
+            rolled_back, applied = kl, 0
+            kl = self._kl(batch, ref_logps, mask)
         if applied:
             self.version += 1
-        # KL from the reference after the update, over the ranked traces
-        with torch.no_grad():
-            after = completion_logps(lm.model, batch)
-        self.forward_passes += 1
         result = dict(step_metrics[-1])
         result.pop("step")
         result.update(
             algorithm=config.algorithm,
-            kl=float(masked_mean(k3_kl(after, ref_logps), mask)),
+            kl=_finite(kl),
             steps=config.steps,
             checkpointed=recompute,
             skipped_steps=config.steps - applied,
@@ -306,7 +332,19 @@ class PolicyTrainer:
             version=self.version,
             seconds=time.perf_counter() - started,
         )
+        if rolled_back is not None:
+            result.update(rolled_back=True, rejected_kl=_finite(rolled_back),
+                          skip_reason=f"rolled back: KL {rolled_back:.3g} nats/token exceeds the ceiling {config.max_kl:g}")
+        elif applied == 0:
+            result["skip_reason"] = "no step applied: every step had a non-finite loss or gradient"
         return result
+
+    def _kl(self, batch, ref_logps: torch.Tensor, mask: torch.Tensor) -> float:
+        """KL from the reference now, over the ranked traces (k3, nats/token)."""
+        with torch.no_grad():
+            after = completion_logps(self.lm.model, batch)
+        self.forward_passes += 1
+        return float(masked_mean(k3_kl(after, ref_logps), mask))
 
     @staticmethod
     def _dpo_step_loss(logps, ref_logps, mask, chosen, rejected, config: DPOConfig):

@@ -168,13 +168,50 @@ def test_all_equal_grpo_group_gives_zero_advantages_and_no_gradient(tiny_lm, tra
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in tiny_lm.model.parameters())
 
 
-def test_non_finite_loss_skips_step_and_leaves_weights(tiny_lm, traces):
-    traces[0].ref_logps = [float("nan")] * len(traces[0].ref_logps)
+def test_non_finite_loss_skips_step_and_leaves_weights(tiny_lm, traces, monkeypatch):
+    import json
+
+    import rlhf_core.update as update_mod
+
+    real = update_mod.completion_logps
+
+    def poisoned(model, batch, **kw):  # a forward that overflows while training
+        out = real(model, batch, **kw)
+        return out * float("nan") if model.training else out
+
+    monkeypatch.setattr(update_mod, "completion_logps", poisoned)
     before = snapshot(tiny_lm.model)
     trainer = PolicyTrainer(tiny_lm)
     m = trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=2, lr=1e-2))
     assert m["skipped"] is True and m["skipped_steps"] == 2 and m["version"] == 0
+    assert m["skip_reason"].startswith("no step applied") and m["loss"] is None and m["grad_norm"] is None
+    json.dumps(m, allow_nan=False)  # the metrics are JSON: no bare NaN reaches a client
     assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters())
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_stored_log_probs_are_bad_input(tiny_lm, traces, algorithm, bad):
+    traces[1].old_logps = [*traces[1].old_logps[:-1], bad]
+    before = snapshot(tiny_lm.model)
+    with pytest.raises(ValueError, match=f"trace 1 .*non-finite stored log-probs"):
+        PolicyTrainer(tiny_lm).update(traces, [0, 1, 2, 3], make_config(algorithm, steps=1, lr=1e-2))
+    assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters())
+
+
+def test_an_update_past_the_kl_ceiling_is_rolled_back(tiny_lm, traces):
+    trainer = PolicyTrainer(tiny_lm)
+    first = trainer.update(traces, [0, 1, 2, 3], DPOConfig(steps=1, lr=1e-3))
+    assert not first["skipped"] and first["version"] == 1
+    weights = snapshot(tiny_lm.model)
+    moments = {id(p): {k: v.clone() for k, v in st.items()} for p, st in trainer.optimizer.state.items()}
+    m = trainer.update(traces, [3, 2, 1, 0], DPOConfig(steps=3, lr=5e-2, max_kl=first["kl"] * 1.01 + 1e-6))
+    assert m["rolled_back"] is True and m["skipped"] is True and m["version"] == 1
+    assert m["rejected_kl"] > m["kl"] and m["skip_reason"].startswith("rolled back: KL")
+    assert m["kl"] == pytest.approx(first["kl"], rel=1e-4, abs=1e-7)
+    assert all(torch.equal(weights[n], p) for n, p in tiny_lm.model.named_parameters())
+    for p, st in trainer.optimizer.state.items():  # AdamW's moments are the ones before the update
+        assert all(torch.equal(moments[id(p)][k], v) for k, v in st.items())
 
 
 def test_lora_update_trains_only_the_adapter_and_reference_is_the_base(tiny_lora_lm, case):

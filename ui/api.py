@@ -78,7 +78,7 @@ def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, alg
     algorithm = (algorithm or "dpo").lower()
     if algorithm not in DEFAULTS:
         raise gr.Error(f"algorithm must be 'dpo' or 'grpo', got {algorithm!r}")
-    kwargs = {"steps": int(steps), "lr": lr, "beta": DEFAULTS[algorithm].beta if beta is None else float(beta)}
+    kwargs = {"steps": steps, "lr": lr, "beta": DEFAULTS[algorithm].beta if beta is None else beta}
     if loss_type:
         kwargs["loss_type"] = loss_type
     try:

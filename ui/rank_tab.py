@@ -8,9 +8,12 @@ the submitted order again (``validate_order``).
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import gradio as gr
 
 from rlhf_core.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from rlhf_core.bounds import effective, help_text
 from rlhf_core.update import DPOConfig, GRPOConfig, OptimConfig, make_config
 
 from .batch import MAX_CARDS, can_reorder, heads_view, ranking_view
@@ -57,10 +60,14 @@ def update_config(algorithm_label: str, beta, lr, steps, loss_type):
     algo = ALGORITHMS.get(algorithm_label)
     if algo is None:
         raise ValueError(f"choose DPO or GRPO, got {algorithm_label!r}")
-    kwargs = {"beta": float(beta), "steps": int(steps), "lr": float(lr) if lr else None}
+    kwargs = {"beta": beta, "steps": steps, "lr": lr if lr else None}
     if loss_type:
         kwargs["loss_type"] = loss_type
     return make_config(algo, **kwargs)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def comments_by_trace(batch: dict, comments) -> dict[str, str]:
@@ -131,7 +138,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
             if event["kind"] == "step":
                 n = event["step"] + 1
                 yield {"update_progress": progress_html(f"{config.algorithm.upper()} step {n}/{steps_total}", n / steps_total,
-                                                        f"loss {event['loss']:.4f}"), **metrics_view(room)}
+                                                        f"loss {_num(event['loss'])}"), **metrics_view(room)}
             else:
                 result, record = event["result"], event["ranking"]
     except RankingError as err:
@@ -145,10 +152,12 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
     done_batch = {**batch, "submitted": True, "version_after": result["version"], "ranking_id": record["ranking_id"],
                   "recorded": [*(batch.get("recorded") or []),
                                {"annotator": annotator, "ranking_id": record["ranking_id"], "update": True}]}
-    skipped = " (all steps skipped: non-finite loss; weights unchanged)" if result.get("skipped") else ""
+    skipped = f" ({result.get('skip_reason') or 'no step applied'}; weights unchanged)" if result.get("skipped") else ""
     below = f" · {len(negatives)} rejected trace(s) trained below the line" if negatives else ""
-    summary = (f"{config.algorithm.upper()} update applied by {annotator}{below}: policy v{record['version_before']} → "
-               f"v{result['version']} · loss {result['loss']:.4f} · KL {result['kl']:.4f} · {result['seconds']:.1f}s{skipped}")
+    verb = "NOT applied" if result.get("skipped") else "applied"
+    summary = (f"{config.algorithm.upper()} update {verb} by {annotator}{below}: policy v{record['version_before']} → "
+               f"v{result['version']} · loss {_num(result['loss'])} · KL {_num(result['kl'])} · "
+               f"{result['seconds']:.1f}s{skipped}")
     if room.has_store:
         summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
     yield {"session": {**session, "batch": done_batch, "annotator": annotator},
@@ -170,10 +179,13 @@ def build_rank_panel(room, ui: dict) -> None:
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         d = DEFAULTS["dpo"]
         ui["beta"] = gr.Number(d.beta, label="beta", minimum=0, elem_id="beta",
-                               info="DPO: implicit KL strength; GRPO: KL penalty weight")
+                               info=help_text(DPOConfig, "beta") + " " + help_text(GRPOConfig, "beta"))
         ui["lr"] = gr.Number(room.default_lr(), label="Learning rate", minimum=0, elem_id="lr",
-                             info="engine default for the current mode (full / LoRA)")
-        ui["steps"] = gr.Slider(1, 20, value=OptimConfig().steps, step=1, label="Optimisation steps", elem_id="steps")
+                             info=help_text(OptimConfig, "lr"))
+        steps = effective("steps", next(f for f in fields(OptimConfig) if f.name == "steps").metadata["range"])
+        ui["steps"] = gr.Slider(int(steps.low), int(steps.high), value=OptimConfig().steps, step=1,
+                                label="Optimisation steps", elem_id="steps", info=help_text(OptimConfig, "steps"))
+        gr.HTML(f'<div class="cr-muted">{help_text(OptimConfig, "max_kl")}</div>', elem_id="kl-ceiling-note")
         ui["loss_type"] = gr.Dropdown(list(DPO_LOSS_TYPES), value=d.loss_type, label="Loss variant", elem_id="loss-type")
     with gr.Row():
         ui["update_button"] = gr.Button("Submit ranking & update policy", variant="primary", elem_id="update-button", scale=3)
