@@ -4,6 +4,10 @@ Environment:
     RLHF_MODEL           model to load (default smollm2-135m, bundled)
     RLHF_LORA            1 / true: train a LoRA adapter instead of all weights
     RLHF_AUTH            require a login: "user:password", several separated by commas
+                         (wrong passwords back off per user: 1 s, 2 s, 4 s ... after 3)
+    RLHF_MODELS_DIR      folders under it may be loaded as models from the browser
+                         (otherwise only the registry's models and hub ids)
+    RLHF_BOUNDS          widen a hyper-parameter's range, JSON: '{"lr": [1e-8, 0.01]}'
     RLHF_DATA_DIR        the data folder (default ./data): database, checkpoints, exports
     RLHF_DB              the database file (default $RLHF_DATA_DIR/rlhf.sqlite)
     RLHF_WORKSPACE       the workspace to open (default: the one used last, else "default")
@@ -31,6 +35,7 @@ from pathlib import Path
 import gradio as gr
 
 from rlhf_core.models import DEFAULT_MODEL
+from ui.access import ThrottledLogin, exposure_warning
 from ui.api import build_api
 from ui.case_panel import bind_case_panel, build_case_panel
 from ui.data_tab import bind_data_tab, build_data_tab
@@ -55,7 +60,7 @@ def prefill_annotator(request: gr.Request):
 def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: str | Path | None = None,
               generate_fn=None, checkpoint_dir: str | Path | None = None, room: ControlRoom | None = None,
               db_path: str | Path | None = None, checkpoint_every: int | None = None,
-              export_dir: str | Path | None = None) -> gr.Blocks:
+              export_dir: str | Path | None = None, background_replay: bool = False) -> gr.Blocks:
     """The whole app around one ``ControlRoom`` (built here unless given).
 
     ``db_path``: the database (``main`` passes ``rlhf_core.store.default_db_path()``;
@@ -66,7 +71,8 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
     if room is None:
         room = ControlRoom(model_name, lora=lora, cases_dir=cases_dir, generate_fn=generate_fn,
                            checkpoint_dir=checkpoint_dir or os.environ.get("RLHF_CHECKPOINT_DIR", "checkpoints"),
-                           db_path=db_path, checkpoint_every=checkpoint_every, export_dir=export_dir)
+                           db_path=db_path, checkpoint_every=checkpoint_every, export_dir=export_dir,
+                           background_replay=background_replay)
     ui: dict = {}
     with gr.Blocks(title=TITLE) as demo:
         ui["session"] = gr.State(new_session())
@@ -136,7 +142,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lora = os.environ.get("RLHF_LORA", "").strip().lower() in ("1", "true", "yes", "on")
     demo = build_app(os.environ.get("RLHF_MODEL") or DEFAULT_MODEL, lora=lora,
-                     cases_dir=os.environ.get("RLHF_CASES_DIR") or None, db_path=default_db_path())
+                     cases_dir=os.environ.get("RLHF_CASES_DIR") or None, db_path=default_db_path(),
+                     background_replay=True)
     room = demo.room
     info = room.engine.resume_info
     logging.getLogger("app").info(
@@ -144,11 +151,19 @@ def main() -> None:
         info["version"], info["updates"], info["rankings"],
         f", loaded {info['checkpoint']}" if info["checkpoint"] else "",
         f", replayed {info['replayed']} update(s)" if info["replayed"] else "")
+    if room.restoring:
+        logging.getLogger("app").info("replaying the rankings no checkpoint holds yet in the background")
     port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    server_name = os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    pairs = parse_auth(os.environ.get("RLHF_AUTH"))
+    warning = exposure_warning(server_name, pairs is not None)
+    if warning:
+        banner = "!" * 100
+        logging.getLogger("app").warning("\n%s\n%s\n%s", banner, warning, banner)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        launch(demo, server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1", server_port=port,
-               auth=parse_auth(os.environ.get("RLHF_AUTH")), auth_message="RLHF control room: sign in to rank traces.")
+        launch(demo, server_name=server_name, server_port=port, auth=ThrottledLogin(pairs) if pairs else None,
+               auth_message="RLHF control room: sign in to rank traces.")
     finally:
         saved = room.close()  # a clean shutdown checkpoints updates made since the last checkpoint
         if saved:

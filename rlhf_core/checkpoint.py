@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -44,6 +45,9 @@ def save_checkpoint(trainer: PolicyTrainer, directory: str | os.PathLike, extra:
             "lora": vars(lm.lora) if lm.lora is not None else None,
             "dtype": str(lm.dtype).replace("torch.", ""),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # a new identity for every save: a record naming this folder can tell
+            # whether the folder still holds the save it recorded (a name reused)
+            "uid": uuid.uuid4().hex,
             "extra": extra or {},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -66,6 +70,18 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this version reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_recorded(directory: str | os.PathLike, version: int, uid: str | None) -> dict:
+    """The manifest of ``directory`` if it is the save a record describes (its
+    version and, when recorded, its uid); CheckpointError when the folder was
+    overwritten by another save since."""
+    manifest = read_manifest(directory)
+    if int(manifest["version"]) != int(version) or (uid is not None and manifest.get("uid") != uid):
+        raise CheckpointError(
+            f"{directory} no longer holds the recorded save (recorded: version {version}, id {uid or '?'}; "
+            f"found: version {manifest['version']}, id {manifest.get('uid') or '?'}): it was overwritten")
     return manifest
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .cases import Case
-from .checkpoint import CheckpointError, load_into, read_manifest, save_checkpoint
+from .checkpoint import CheckpointError, load_into, read_manifest, save_checkpoint, verify_recorded
 from .conclusion import CONCLUSION_MODES
 from .generation import SamplingConfig, Trace, sample_stream
 from .models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
@@ -270,7 +270,7 @@ class Engine:
             self._since_checkpoint += 1
             if self._since_checkpoint >= self.checkpoint_every:
                 path = self._save_dir(extra={"ranking_id": ranking_id})
-                checkpoint = (self.version, path)
+                checkpoint = (self.version, path, read_manifest(path)["uid"])
                 self._since_checkpoint = 0
         self._claim_workspace()
         metrics["update_id"] = store.record_update(
@@ -284,12 +284,19 @@ class Engine:
     # -- checkpoints ----------------------------------------------------------
 
     def save(self, directory, extra: dict | None = None):
-        """Save the policy to ``directory``; with a store it becomes the workspace's latest checkpoint."""
+        """Save the policy to ``directory``; with a store it becomes the workspace's latest
+        checkpoint. A folder another workspace's record names is never overwritten."""
         with self.lock:
+            if self.store is not None:
+                others = sorted(self.store.checkpoint_owners(directory) - {self.workspace})
+                if others:
+                    raise ValueError(f"the checkpoint {Path(directory).name!r} holds workspace "
+                                     f"{', '.join(others)}'s policy; save under another name")
             path = save_checkpoint(self.trainer, directory, extra)
             if self.store is not None:
                 self._claim_workspace()
-                self.store.record_checkpoint(self.workspace, self.version, path, kind="manual")
+                self.store.record_checkpoint(self.workspace, self.version, path, kind="manual",
+                                             extra={"checkpoint_uid": read_manifest(path)["uid"]})
                 self._since_checkpoint = 0
             return path
 
@@ -329,7 +336,8 @@ class Engine:
     def _checkpoint_now(self, kind: str, extra: dict | None = None) -> Path:
         path = self._save_dir(extra)
         self._claim_workspace()
-        self.store.record_checkpoint(self.workspace, self.version, path, kind=kind, extra=extra)
+        self.store.record_checkpoint(self.workspace, self.version, path, kind=kind,
+                                     extra={**(extra or {}), "checkpoint_uid": read_manifest(path)["uid"]})
         self._since_checkpoint = 0
         return path
 
@@ -428,6 +436,7 @@ class Engine:
         store = self.store
         self._check_compatible(name)
         latest = None
+        problems = []
         for ck in reversed(store.checkpoints(name)):  # newest first; a damaged one falls back to an older one
             if ck["path"] is None:
                 self._reset_weights()
@@ -436,9 +445,11 @@ class Engine:
             if not Path(ck["path"]).is_dir():
                 continue
             try:
+                verify_recorded(ck["path"], ck["version"], ck["extra"].get("checkpoint_uid"))
                 load_into(self.trainer, ck["path"])
-            except Exception as err:  # noqa: BLE001 - e.g. files cut short by a power loss
+            except Exception as err:  # noqa: BLE001 - e.g. files cut short by a power loss, or overwritten
                 log.warning("workspace %s: cannot load %s (%s); trying an older checkpoint", name, ck["path"], err)
+                problems.append(str(err))
                 self._pristine = False
                 continue
             self._pristine = False
@@ -448,17 +459,32 @@ class Engine:
         if latest is None:
             self._reset_weights()
         self._since_checkpoint = 0
-        replayed = self._replay(name, latest["after_update_id"] if latest else None) if replay else 0
+        self._replay_after = latest["after_update_id"] if latest else None
+        self._replay_owed = not replay
+        replayed = self._replay(name, self._replay_after) if replay else 0
         return {
             "workspace": name,
             "version": self.version,
             "checkpoint": latest["path"] if latest else None,
             "replayed": replayed,
+            "skipped_checkpoints": problems,
             "updates": len(store.updates(name)),
             "rankings": store.count("rankings", name),
         }
 
-    def _replay(self, name: str, after_update_id: int | None) -> int:
+    def replay_pending(self, on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Run the replay ``attach_store(resume=False)`` left owed (the app serves its
+        page meanwhile; model work waits for ``lock``). ``on_progress(done, total)``."""
+        with self.lock:
+            if not getattr(self, "_replay_owed", False):
+                return 0
+            self._replay_owed = False
+            done = self._replay(self.workspace, self._replay_after, on_progress)
+            self.resume_info = {**self.resume_info, "version": self.version, "replayed": done}
+            return done
+
+    def _replay(self, name: str, after_update_id: int | None,
+                on_progress: Callable[[int, int], None] | None = None) -> int:
         """Re-run, in order, the updates made after the checkpoint and the rankings
         left pending, from their stored traces and hyper-parameters."""
         store = self.store
@@ -473,7 +499,9 @@ class Engine:
                 todo.append((r["id"], None))
                 seen.add(r["id"])
         done = 0
-        for ranking_id, old in todo:
+        for position, (ranking_id, old) in enumerate(todo):
+            if on_progress is not None:
+                on_progress(position, len(todo))
             traces, ranking = store.ranking_traces(ranking_id)
             ranked = store.ranking(ranking_id)["ranked"]
             if any(not t.prompt_ids or not t.completion_ids for t in traces):
@@ -498,6 +526,8 @@ class Engine:
                 log.warning("could not replay ranking %s: %s", ranking_id, err)
                 continue
             done += 1
+        if on_progress is not None:
+            on_progress(len(todo), len(todo))
         if done:
             log.info("workspace %s: replayed %d ranking(s); now at version %d", name, done, self.version)
         return done

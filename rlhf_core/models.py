@@ -119,6 +119,8 @@ def resolve_spec(name: str) -> ModelSpec:
     """A registry name, a local directory, or any hub id."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith("hub:"):  # a hub id only, never a local folder (what the browser may ask for)
+        return ModelSpec(name[4:], name[4:], f"Hugging Face hub model {name[4:]}")
     if os.path.isdir(name):
         return ModelSpec(name, None, f"local model at {name}", local_dir=name)
     if "/" in name and not name.startswith((".", "/")):

@@ -28,15 +28,15 @@ class RejectionConfig:
     """How hard to look for verified traces."""
 
     k: int = 4  # accepted, distinct traces wanted
-    # Measured on SmolLM2-135M (7 library cases, 8 samples each, 160 tokens): 0/56
-    # un-hinted and 12/56 hinted samples passed the verifier, so the defaults spend
-    # less on free samples and more on rationalisation, to reach K rankable traces.
-    budget: int = 8  # most un-hinted samples to draw for one case
+    # With the constrained conclusion ~22-28% of SmolLM2-135M's un-hinted samples pass
+    # (bench/rankable.json): 8 free samples reach K = 4 on a quarter of the cases, 16 on
+    # about 60%, so free samples get the larger budget and rationalisation is the last resort.
+    budget: int = 16  # most un-hinted samples to draw for one case
     rationalise: bool = True  # fill a shortfall with hinted (rationalised) traces
     rationalise_budget: int = 16  # most hinted samples to draw
-    # Samples decoded together (never fewer than k). Decoding on CPU is bound by
-    # reading the weights once per step whatever the number of rows: measured on
-    # SmolLM2 (2 cores, lean decoder), 8 rows give 1.6x the tokens/s of 4 and 12 rows 2.1x.
+    # Samples decoded together (never fewer than k). Accepted traces per second on
+    # SmolLM2 (2 cores, bench/rankable.py sweep): 4 rows 0.20, 8 rows 0.27, 16 rows 0.28;
+    # 8 keeps that rate and shows the first cards (a quarter of the time, all K) in ~11 s.
     batch: int = 8
     # rejected traces offered below the line, under every accepted one, as negatives
     # (so a generation with a single correct conclusion still teaches); 0: none

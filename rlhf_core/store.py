@@ -796,11 +796,12 @@ class Store:
             if supersedes is not None:
                 conn.execute("UPDATE updates SET superseded = 1 WHERE id = ? AND workspace = ?", (supersedes, workspace))
             if checkpoint is not None:
-                ck_version, ck_path = checkpoint
+                ck_version, ck_path, *ck_uid = checkpoint
                 conn.execute(
-                    """INSERT INTO checkpoints (workspace, version, path, kind, after_update_id, created)
-                       VALUES (?, ?, ?, 'auto', ?, ?)""",
-                    (workspace, int(ck_version), self._store_path(ck_path), update_id, now()),
+                    """INSERT INTO checkpoints (workspace, version, path, kind, after_update_id, extra, created)
+                       VALUES (?, ?, ?, 'auto', ?, ?, ?)""",
+                    (workspace, int(ck_version), self._store_path(ck_path), update_id,
+                     json.dumps({"checkpoint_uid": ck_uid[0]} if ck_uid else {}), now()),
                 )
         return update_id
 
@@ -895,6 +896,12 @@ class Store:
             if ck["path"] is None or Path(ck["path"]).is_dir():
                 return ck
         return None
+
+    def checkpoint_owners(self, path: str | os.PathLike) -> set[str]:
+        """Workspaces whose live checkpoint records name ``path``."""
+        stored = self._store_path(path)
+        return {r[0] for r in self._query("SELECT DISTINCT workspace FROM checkpoints WHERE path = ? AND deleted = 0",
+                                          (stored,))}
 
     def path_in_use(self, path: str | os.PathLike) -> bool:
         stored = self._store_path(path)

@@ -309,3 +309,34 @@ def test_workspace_for_model(db):
     name = db.workspace_for_model("org/Some Model", "lora")
     assert name == "org-Some-Model-lora" and db.workspace(name)["mode"] == "lora"
     assert db.workspace_for_model("org/Some Model", "lora") == name  # found again
+
+
+def _weights(engine):
+    return {n: p.detach().clone() for n, p in engine.lm.model.named_parameters()}
+
+
+def test_a_named_checkpoint_is_never_swapped_between_workspaces(tmp_path, case):
+    from rlhf_core.checkpoint import save_checkpoint
+
+    eng = Engine("tiny-random", device="cpu", store=tmp_path / "rlhf.sqlite", checkpoint_every=100)
+    eng.update(_samples(eng, case), [0, 1, 2], CONFIG, annotator="a")
+    best = tmp_path / "named" / "best"
+    eng.save(best)  # "best" in workspace default, at v1
+    at_v1 = _weights(eng)
+    eng.create_workspace("ws2")
+    for seed in (1, 2):
+        eng.update(_samples(eng, case, seed=seed), [2, 1, 0], CONFIG, annotator="b")
+    assert eng.version == 2
+    with pytest.raises(ValueError, match="holds workspace default's policy"):
+        eng.save(best)
+    eng.switch_workspace("default")
+    assert eng.version == 1 and all(torch.equal(at_v1[n], p) for n, p in eng.lm.model.named_parameters())
+
+    # the folder overwritten behind the record's back (another tool, a copy): detected, not loaded;
+    # the workspace is rebuilt from its own rankings instead
+    eng.switch_workspace("ws2")
+    save_checkpoint(eng.trainer, best)
+    info = eng.switch_workspace("default")
+    assert any("overwritten" in p for p in info["skipped_checkpoints"]), info
+    assert eng.version == 1 and info["replayed"] == 1
+    assert all(torch.allclose(at_v1[n], p, atol=1e-6) for n, p in eng.lm.model.named_parameters())

@@ -578,3 +578,40 @@ def test_without_a_database_history_lives_in_memory(memory_room):
     assert zipfile.is_zipfile(data_tab.export_checkpoint(room)["export_file"])
     asked = model_tab.request_reset(room, final["session"])
     assert "1 ranking update(s) by Dr Ada" in asked["confirm_message"] and "no database" in asked["confirm_message"]
+
+
+def test_a_restart_serves_at_once_and_replays_in_the_background(tmp_path, monkeypatch):
+    room = make_room(tmp_path)
+    for annotator in ("Dr Ada", "Dr Bo"):
+        _, session = generate(room, k=3)
+        submit(room, session, annotator=annotator, steps=1)
+    assert room.version == 2 and room.store.latest_checkpoint("default") is None
+
+    from rlhf_core.engine import Engine
+
+    gate = threading.Event()
+    real = Engine._apply
+
+    def slow_apply(self, *args, **kwargs):  # a long replay: each ranking waits for the test
+        gate.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_apply", slow_apply)
+    restarted = make_room(tmp_path, background_replay=True)  # returns before any ranking is replayed
+    assert restarted.restoring is not None and restarted.version == 0
+    header = metrics_panel.metrics_view(restarted)["header"]
+    assert "restoring the policy" in header  # the page renders, and says what is happening
+    waited = []
+    def model_work():
+        with restarted.lock:
+            waited.append(restarted.version)
+
+    worker = threading.Thread(target=model_work)
+    worker.start()  # model work queues behind the replay
+    worker.join(0.5)
+    assert worker.is_alive()
+    gate.set()
+    assert restarted.wait_restored(60) and restarted.restoring is None
+    worker.join(10)
+    assert restarted.version == 2 and waited == [2]
+    assert "restoring" not in metrics_panel.metrics_view(restarted)["header"]

@@ -12,6 +12,7 @@ import gradio as gr
 
 from rlhf_core.models import REGISTRY
 
+from .access import browser_model_choice
 from .batch import cards_view, ranking_view, traces_title
 from .generate_tab import CARD_OUTPUTS, CHART_OUTPUTS
 from .metrics_panel import metrics_view
@@ -66,6 +67,10 @@ def _request(room, session: dict, action: dict, title: str) -> dict:
 def request_switch(room, session: dict, model: str, lora: bool) -> dict:
     if not model:
         return {"_warning": "Choose a model first."}
+    try:
+        model = browser_model_choice(model)
+    except ValueError as err:
+        return {"model_status": status_html(f"Cannot switch: {err}.", "error"), "_warning": str(err)}
     mode = "LoRA" if lora else "full fine-tuning"
     return _request(room, session, {"action": "switch", "model": model, "lora": bool(lora)}, f"Switch to {model} ({mode})")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 import queue
 import re
@@ -45,6 +46,8 @@ from rlhf_core.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.update import DPOConfig, GRPOConfig, default_lr
 
 from .backends import GenerateFn, engine_backend
+
+log = logging.getLogger(__name__)
 from .ranking import RankingError, validate_negatives, validate_order
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -219,12 +222,16 @@ class ControlRoom:
         workspace: str | None = None,
         checkpoint_every: int | None = None,
         export_dir: str | Path | None = None,
+        background_replay: bool = False,
     ):
         """``db_path``: the database (None: keep everything in memory only).
         ``workspace``: the one to open first (default: the one used last, else "default";
         a workspace of another model is never opened: ``Store.workspace_for_model``).
         ``checkpoint_every``: save the policy every N updates (default ``$RLHF_CHECKPOINT_EVERY`` or 10).
-        ``export_dir``: where downloads are written (default: inside Gradio's file cache)."""
+        ``export_dir``: where downloads are written (default: inside Gradio's file cache).
+        ``background_replay``: replay the rankings a restart owes the policy in a thread
+        (holding ``lock``, so model work queues behind it) while the page is served;
+        ``restoring`` reports its progress."""
         self.lock = threading.RLock()  # held for every use of the weights
         self._meta = threading.Lock()  # live records / caches; never held during compute
         self.generate_fn = generate_fn or engine_backend
@@ -242,6 +249,9 @@ class ControlRoom:
         self._mem_rankings: list[dict] = []  # without a db: every submitted ranking
         self.last_eval: dict | None = None
         self._batches: OrderedDict[str, dict] = OrderedDict()
+        self.restoring: dict | None = None  # {"done", "total"} while a background replay runs
+        self._restorer: threading.Thread | None = None
+        self._background_replay = background_replay and engine is None and db_path is not None
         if engine is not None:
             self.store = engine.store
             self.engine = engine
@@ -252,14 +262,42 @@ class ControlRoom:
         self._remember_workspace()
         cases, self.case_problem = load_cases(cases_dir)
         self.cases: dict[str, Case] = {c.id: c for c in cases}
+        if self._background_replay:
+            self.restoring = {"done": 0, "total": None}
+            self._restorer = threading.Thread(target=self._restore, name="replay", daemon=True)
+            self._restorer.start()
+
+    def _restore(self) -> None:
+        def progress(done: int, total: int) -> None:
+            with self._meta:
+                self.restoring = {"done": done, "total": total}
+                self.revision += 1
+
+        try:
+            with self.lock:
+                self.engine.replay_pending(progress)
+        except Exception:  # noqa: BLE001 - the policy stays at its checkpoint; the log says why
+            log.exception("replaying the workspace's pending rankings failed")
+        finally:
+            with self._meta:
+                self.restoring = None
+                self._persist_rev += 1
+                self.revision += 1
+
+    def wait_restored(self, timeout: float | None = None) -> bool:
+        """Block until a background replay has finished (True), or ``timeout`` passed."""
+        if self._restorer is not None:
+            self._restorer.join(timeout)
+            return not self._restorer.is_alive()
+        return True
 
     def _new_engine(self, model: str, lora: bool, preferred: str | None) -> Engine:
         engine = Engine(model, lora=lora, device=self.device, checkpoint_every=self.checkpoint_every)
         if self.store is not None:
-            self._attach(engine, preferred)
+            self._attach(engine, preferred, resume=not self._background_replay)
         return engine
 
-    def _attach(self, engine: Engine, preferred: str | None) -> None:
+    def _attach(self, engine: Engine, preferred: str | None, resume: bool = True) -> None:
         """Open the workspace ``preferred`` when the loaded model can use it; when it is
         another model's, the first workspace of this model and mode, else a new one."""
         store = self.store
@@ -271,7 +309,7 @@ class ControlRoom:
 
         if ws is not None and ws["model"] is not None and not fits(ws):
             preferred = next((w["name"] for w in store.workspaces() if fits(w)), preferred)
-        engine.attach_store(store, preferred=preferred)
+        engine.attach_store(store, preferred=preferred, resume=resume)
 
     # ----------------------------------------------------------------- state
     @property
@@ -301,7 +339,7 @@ class ControlRoom:
     def describe(self) -> dict:
         info = self.engine.describe()
         info.update(run=self.run, unsaved_updates=self.unsaved_count(), rankings=self.ranking_count(),
-                    persistent=self.store is not None)
+                    persistent=self.store is not None, restoring=self.restoring)
         return info
 
     def ranking_count(self) -> int:

@@ -162,6 +162,11 @@ def header_html(info: dict) -> str:
         saved = badge("warn", f"{unsaved} update(s) not in a checkpoint")
     else:
         saved = badge("ok", "checkpoint up to date")
+    restoring = info.get("restoring")
+    if restoring:
+        total = restoring.get("total")
+        progress = f"{restoring['done']} of {total} rankings replayed" if total is not None else "loading the workspace"
+        saved += " " + badge("warn", f"restoring the policy: {progress}; generation and updates wait for it")
     return (f'<div class="cr-header"><div class="cr-title">RLHF control room '
             f'<span class="cr-muted">medical reasoning</span></div><div class="cr-header-facts">'
             f'{badge("chip", "model " + str(info.get("model")))} {badge("chip", str(info.get("mode")) + " fine-tuning" if info.get("mode") == "full" else "LoRA")} '
