@@ -49,13 +49,14 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace README's block between ``begin`` and ``end`` with ``text``."""
     readme = ROOT / "README.md"
     content = readme.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN not in content:
-        raise SystemExit(f"README.md has no {BEGIN} marker")
-    readme.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S))
+    block = f"{begin}\n{text}\n{end}"
+    if begin not in content:
+        raise SystemExit(f"README.md has no {begin} marker")
+    readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S))
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,8 @@
 """Seconds from *Generate* to K rankable traces, on library cases, with the app's defaults.
 
-    python -m bench.rankable [--model smollm2-135m] [--cases 24] [--batches 4,8,12,16] [--json-out F]
+    python -m bench.rankable [--model smollm2-135m] [--cases 24] [--batches 4,8,12,16] [--json-out F] [--no-run]
+
+Rewrites README's block between the "rankable results" markers.
 
 For each case the rejection sampler runs as the app runs it (``RejectionConfig``
 defaults, K = 4, the default conclusion mode): free samples first, then
@@ -89,6 +91,30 @@ def batch_sweep(lm, cases, sampling: SamplingConfig, sizes: list[int], samples: 
     return rows
 
 
+BEGIN, END = "<!-- BEGIN rankable results -->", "<!-- END rankable results -->"
+
+
+def readme_block(result: dict) -> str:
+    """README's table of time-to-K and the batch sweep, from a stored result."""
+    rej = result["rejection"]
+    lines = [f"Model `{result['model']}`, {result['machine']}; K = {rej['k']}, {rej['budget']} free samples "
+             f"(batch {rej['batch']}) then up to {rej['rationalise_budget']} rationalised, "
+             f"{result['sampling']['max_new_tokens']} reasoning tokens, default conclusion mode.", "",
+             "| policy | cases | median s to K (or to the end) | reached K | no rationalisation needed | free acceptance | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, name in (("first_generation", "v0 (first generation)"), ("after_updates", "updated (reference pass needed)")):
+        if label in result:
+            m = result[label]["summary"]
+            lines.append(f"| {name} | {m['runs']} | {m['median_seconds_to_k']:.1f} | {m['share_reaching_k']:.0%} | "
+                         f"{m['share_without_rationalisation']:.0%} | {m['free_acceptance']:.1%} | {m['tokens_per_second']:.0f} |")
+    if result.get("batch_sweep"):
+        lines += ["", "| decoding batch | accepted / sampled | accepted traces per second | tokens/s |", "| --- | --- | --- | --- |"]
+        for row in result["batch_sweep"]:
+            lines.append(f"| {row['batch']} | {row['accepted']}/{row['sampled']} | {row['accepted_per_second']:.3f} | "
+                         f"{row['tokens_per_second']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -97,7 +123,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep-cases", type=int, default=4)
     parser.add_argument("--sweep-samples", type=int, default=48, help="per case; 48 divides into every batch size swept")
     parser.add_argument("--json-out", default="bench/rankable.json")
+    parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
+    from .diagnosis import write_readme
+
+    if args.no_run:
+        with open(args.json_out) as fh:
+            result = json.load(fh)
+        write_readme(readme_block(result), BEGIN, END)
+        return result
     lm = load_model(args.model, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
     step = max(1, len(library) // args.cases)
@@ -117,6 +151,7 @@ def main(argv=None) -> dict:
         result["batch_sweep"] = batch_sweep(lm, library[::max(1, len(library) // args.sweep_cases)][: args.sweep_cases],
                                             sampling, sizes, args.sweep_samples)
     save_json(result, args.json_out)
+    write_readme(readme_block(result), BEGIN, END)
     return result
 
 

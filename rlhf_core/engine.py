@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .cases import Case
+from .belief import ProbeSet
 from .checkpoint import CheckpointError, load_into, read_manifest, save_checkpoint, verify_recorded
 from .conclusion import CONCLUSION_MODES
 from .generation import SamplingConfig, Trace, sample_stream
@@ -86,6 +87,7 @@ class Engine:
         self._since_checkpoint = 0  # weight-changing updates not in a checkpoint yet
         self._pristine = True  # the weights are the freshly loaded reference
         self.resume_info: dict = {}
+        self.probe: ProbeSet | None = None  # scored after every live update (belief.py)
         if store is not None and not hasattr(store, "record_ranking"):
             from .store import Store
 
@@ -129,6 +131,11 @@ class Engine:
     @property
     def version(self) -> int:
         return self.trainer.version
+
+    @property
+    def is_reference(self) -> bool:
+        """The weights are still exactly the reference's (nothing applied since load or reset)."""
+        return self._pristine
 
     @property
     def mode(self) -> str:
@@ -235,6 +242,7 @@ class Engine:
             if self.store is None:
                 metrics = self.trainer.update(traces, ranking, config, on_step=on_step, ranked=ranked)
                 metrics["ranked"] = ranked
+                metrics.update(self._probe_metrics(traces, case))
                 for key, value in (extra_metrics or {}).items():
                     metrics.setdefault(key, value)
                 self._pristine = self._pristine and metrics["skipped"]
@@ -249,15 +257,27 @@ class Engine:
                 if found is None or found["workspace"] != self.workspace:
                     raise ValueError(f"ranking {ranking_id} is not in workspace {self.workspace!r}")
                 ranked = found["ranked"]
-            return self._apply(ranking_id, traces, ranking, config, on_step, extra_metrics or {}, ranked=ranked)
+            return self._apply(ranking_id, traces, ranking, config, on_step, extra_metrics or {}, ranked=ranked,
+                               case=case, live=True)
+
+    def _probe_metrics(self, traces: list[Trace], case: Case | None) -> dict:
+        """The probe set scored now (and the ranked case taught to it); {} without one."""
+        if self.probe is None:
+            return {}
+        if case is not None:
+            self.probe.teach(case, traces)
+        return self.probe.score(self.lm)
 
     def _apply(
-        self, ranking_id, traces, ranking, config, on_step, extra: dict, supersedes: int | None = None, ranked: int | None = None
+        self, ranking_id, traces, ranking, config, on_step, extra: dict, supersedes: int | None = None,
+        ranked: int | None = None, case: Case | None = None, live: bool = False,
     ) -> dict:
         store = self.store
         try:
             metrics = self.trainer.update(traces, ranking, config, on_step=on_step, ranked=ranked)
             metrics["ranked"] = ranked
+            if live:  # a replay keeps the probe figures recorded when the update first ran
+                metrics.update(self._probe_metrics(traces, case))
         except Exception as err:
             store.set_ranking_status(ranking_id, "failed", f"{type(err).__name__}: {err}")
             raise

@@ -35,8 +35,9 @@ class RejectionConfig:
     rationalise: bool = True  # fill a shortfall with hinted (rationalised) traces
     rationalise_budget: int = 16  # most hinted samples to draw
     # Samples decoded together (never fewer than k). Accepted traces per second on
-    # SmolLM2 (2 cores, bench/rankable.py sweep): 4 rows 0.20, 8 rows 0.27, 16 rows 0.28;
-    # 8 keeps that rate and shows the first cards (a quarter of the time, all K) in ~11 s.
+    # SmolLM2 (2 cores, bench/rankable.py sweep): 4 rows 0.21, 8 rows 0.25-0.27, 16 rows
+    # 0.28; 16 rows take ~20 s where 8 take ~10 s and already reach K on a quarter of
+    # the cases, so the median time to K is the same and 8 shows the first cards sooner.
     batch: int = 8
     # rejected traces offered below the line, under every accepted one, as negatives
     # (so a generation with a single correct conclusion still teaches); 0: none

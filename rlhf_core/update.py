@@ -312,12 +312,12 @@ class PolicyTrainer:
             finally:
                 lm.model.train(False)
 
-        kl = self._kl(batch, ref_logps, mask)
+        kl, after = self._kl(batch, ref_logps, mask)
         rolled_back = None
         if applied and not kl <= config.max_kl:  # "not <=": a NaN KL is rolled back too
             _restore(params, optimizer, saved)
             rolled_back, applied = kl, 0
-            kl = self._kl(batch, ref_logps, mask)
+            kl, after = self._kl(batch, ref_logps, mask)
         if applied:
             self.version += 1
         result = dict(step_metrics[-1])
@@ -331,6 +331,9 @@ class PolicyTrainer:
             skipped=applied == 0,
             version=self.version,
             seconds=time.perf_counter() - started,
+            # what the ranking did to each trace (input order): log of how many times more
+            # likely the policy now makes it than the policy that sampled it
+            trace_logratio=[_finite(x) for x in ((after - old_logps) * mask).sum(-1).tolist()],
         )
         if rolled_back is not None:
             result.update(rolled_back=True, rejected_kl=_finite(rolled_back),
@@ -339,12 +342,13 @@ class PolicyTrainer:
             result["skip_reason"] = "no step applied: every step had a non-finite loss or gradient"
         return result
 
-    def _kl(self, batch, ref_logps: torch.Tensor, mask: torch.Tensor) -> float:
-        """KL from the reference now, over the ranked traces (k3, nats/token)."""
+    def _kl(self, batch, ref_logps: torch.Tensor, mask: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """KL from the reference now, over the ranked traces (k3, nats/token), and the
+        traces' per-token log-probs [K, T] under the policy now."""
         with torch.no_grad():
             after = completion_logps(self.lm.model, batch)
         self.forward_passes += 1
-        return float(masked_mean(k3_kl(after, ref_logps), mask))
+        return float(masked_mean(k3_kl(after, ref_logps), mask)), after
 
     @staticmethod
     def _dpo_step_loss(logps, ref_logps, mask, chosen, rejected, config: DPOConfig):

@@ -101,6 +101,11 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
     page.click("#case-picker input")
     page.locator("ul[role=listbox] li", has_text=sc.CASE.id).first.click()
     expect(page.locator("#vignette textarea")).to_have_value(re.compile("sore throat"), timeout=TIMEOUT_MS)
+    # what the model believes about it: reference and policy bars, the same at v0
+    belief_js = ("() => { const p = document.querySelector('#belief-chart .js-plotly-plot');"
+                 " return p && p.data && p.data.length === 2 ? JSON.stringify(p.data.map(d => Array.from(d.x))) : null; }")
+    page.wait_for_function(belief_js, timeout=TIMEOUT_MS)
+    belief_before = page.evaluate(belief_js)
 
     # generate: the cards stream, then show the verdicts
     started = time.perf_counter()
@@ -160,6 +165,10 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
             f"() => {{ const p = document.querySelector('#chart-{chart} .js-plotly-plot');"
             " return p && p.data && p.data.some(d => Array.from(d.x).includes(1)); }", timeout=TIMEOUT_MS)
     expect(page.locator("#header")).to_contain_text("policy v1")
+    # the belief chart refreshed: the policy's bars moved away from the reference's
+    page.wait_for_function(f"() => {{ const now = ({belief_js})(); return now && now !== {belief_before!r}; }}",
+                           timeout=TIMEOUT_MS)
+    expect(page.locator("#belief-chart")).to_contain_text("policy now (v1)")
     expect(page.locator("#updates-table")).to_contain_text(ANNOTATOR)  # user text is shown as text too
     assert page.evaluate("typeof window.__pwned") == "undefined"
     _screenshot(page, "control_room.png")

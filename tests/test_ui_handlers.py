@@ -187,8 +187,9 @@ def test_grpo_update_and_metrics_refresh(room):
     _, session = generate(room, k=3)
     outs = submit(room, session, algorithm="GRPO", steps=1)
     assert room.version == 1 and room.metrics("update")[-1]["algorithm"] == "grpo"
-    grpo = [tr for tr in outs[-1]["chart_rewards"].data if tr.name == "GRPO mean reward"]
+    grpo = [tr for tr in outs[-1]["chart_accuracy"].data if tr.name == "GRPO clipped ratios"]
     assert grpo and list(grpo[0].x) == [1]
+    assert [tr.name for tr in outs[-1]["chart_loss"].data if tr.mode == "lines+markers"] == ["GRPO loss"]
     assert metrics_panel.refresh(room, room.revision) == {}  # nothing new: the timer sends nothing
     assert "chart_loss" in metrics_panel.refresh(room, -1)
     defaults = rank_tab.algorithm_changed(room, "GRPO")
@@ -288,8 +289,8 @@ def test_chart_builders_are_pure_and_handle_empty_history():
     assert set(figs) == set(charts.CHARTS) and all(len(f.data) == 0 for f in figs.values())
     assert figs["loss"].layout.annotations[0].text.startswith("No updates")
     rows = [{"kind": "update", "run": 1, "x": 1, "version": 1, "version_before": 0, "algorithm": "grpo",
-             "loss": 0.1, "kl": 0.01, "reward": 0.5}]
-    assert list(charts.rewards_figure(rows).data[0].x) == [1]
+             "loss": 0.1, "kl": 0.01, "reward": 0.5, "clip_ratio": 0.2}]
+    assert list(charts.accuracy_figure(rows).data[0].x) == [1] and not charts.rewards_figure(rows).data
     assert charts.updates_table(rows)[0][:2] == ["0 → 1", "GRPO"]
 
 
@@ -425,7 +426,8 @@ def test_restart_shows_the_full_history_and_continues_the_version(tmp_path):
     updates = crashed.metrics("update")
     assert [(u["version_before"], u["version"], u["annotator"]) for u in updates] == [(0, 1, "Dr Ada"), (1, 2, "Dr Bo")]
     view = metrics_panel.metrics_view(crashed)
-    assert [list(tr.x) for tr in view["chart_loss"].data if tr.mode == "lines+markers"] == [[1, 2]]
+    assert {tr.name: list(tr.x) for tr in view["chart_loss"].data if tr.mode == "lines+markers"} == {
+        "DPO loss": [1], "GRPO loss": [2]}  # two objectives, never one line
     assert [list(tr.x) for tr in view["chart_acceptance"].data] == [[0, 1]]  # from the updates' sampling numbers
     assert [row[0] for row in view["table"]] == ["1 → 2", "0 → 1"] and "policy v2" in view["header"]
     # the next update continues the version

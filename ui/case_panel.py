@@ -9,8 +9,9 @@ import gradio as gr
 from rlhf_core.cases import CaseFormatError, load_cases
 from rlhf_core.prompts import case_text
 
+from .charts import belief_figure
 from .views import case_meta_html, status_html
-from .wiring import light_event
+from .wiring import engine_event, light_event
 
 ALL = "All specialties"
 
@@ -81,11 +82,22 @@ def build_case_panel(room, ui: dict) -> None:
         gr.HTML(status_html(room.case_problem, "warn"), elem_id="library-status")
     ui["vignette"] = gr.Textbox(label="Vignette", lines=7, max_lines=16, interactive=False, elem_id="vignette")
     ui["case_meta"] = gr.HTML(case_meta_html(None), elem_id="case-meta")
+    ui["belief"] = gr.Plot(belief_figure(None, None), show_label=False, elem_id="belief-chart")
+
+
+def belief_view(room, session: dict) -> dict:
+    """The belief chart for the session's case (reference vs the policy now)."""
+    case_id = (session or {}).get("case_id")
+    if not case_id or case_id not in room.cases:
+        return {"belief": belief_figure(None, None)}
+    found = room.beliefs(case_id)
+    return {"belief": belief_figure(found["reference"], found["policy"], found["version"])}
 
 
 def bind_case_panel(room, ui: dict) -> None:
     light_event(ui["specialty"].input, filter_cases, room, ui, ["specialty", "case_picker"], ["case_picker"])
-    light_event(ui["case_picker"].change, pick_case, room, ui, ["session", "case_picker"],
-                ["session", "vignette", "case_meta"])
+    picked = light_event(ui["case_picker"].change, pick_case, room, ui, ["session", "case_picker"],
+                         ["session", "vignette", "case_meta"])
+    engine_event(picked.then, belief_view, room, ui, ["session"], ["belief"], show_progress="hidden")
     light_event(ui["case_upload"].upload, upload_cases, room, ui, ["session", "case_upload"],
                 ["session", "vignette", "case_meta", "upload_status", "specialty", "case_picker"])

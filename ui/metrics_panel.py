@@ -33,9 +33,9 @@ def refresh(room, seen: int | None) -> dict:
 def build_charts(room, ui: dict) -> None:
     figures = all_figures(room.metrics(), room.run)
     names = list(CHARTS)
-    for row in range(0, len(names), 3):
+    for row in (names[:3], names[3:5], names[5:]):  # what changed first: belief, distance, loss
         with gr.Row():
-            for name in names[row:row + 3]:
+            for name in row:
                 ui[f"chart_{name}"] = gr.Plot(figures[name], show_label=False, elem_id=f"chart-{name}")
     ui["table"] = gr.Dataframe(updates_table(room.metrics()), headers=TABLE_COLUMNS, label="Last updates",
                                interactive=False, elem_id="updates-table", max_height=300, wrap=False)

@@ -17,6 +17,7 @@ from rlhf_core.bounds import effective, help_text
 from rlhf_core.update import DPOConfig, GRPOConfig, OptimConfig, make_config
 
 from .batch import MAX_CARDS, can_reorder, heads_view, ranking_view
+from .case_panel import belief_view
 from .generate_tab import CHART_OUTPUTS
 from .metrics_panel import metrics_view
 from .ranking import RankingError, move
@@ -64,6 +65,14 @@ def update_config(algorithm_label: str, beta, lr, steps, loss_type):
     if loss_type:
         kwargs["loss_type"] = loss_type
     return make_config(algo, **kwargs)
+
+
+def _what_it_did(result: dict) -> str:
+    """"your first choice is now 2.1x as likely, your last 0.4x" (ratios over the whole trace)."""
+    ratios = [r for r in (result.get("ranked_likelihood_ratios") or []) if r is not None]
+    if result.get("skipped") or len(ratios) < 2:
+        return ""
+    return f" · your first choice is now {ratios[0]:.3g}× as likely, your last {ratios[-1]:.3g}×"
 
 
 def _num(value) -> str:
@@ -158,6 +167,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
     summary = (f"{config.algorithm.upper()} update {verb} by {annotator}{below}: policy v{record['version_before']} → "
                f"v{result['version']} · loss {_num(result['loss'])} · KL {_num(result['kl'])} · "
                f"{result['seconds']:.1f}s{skipped}")
+    summary += _what_it_did(result)
     if room.has_store:
         summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
     yield {"session": {**session, "batch": done_batch, "annotator": annotator},
@@ -205,7 +215,10 @@ def bind_rank(room, ui: dict) -> None:
     comments = [f"card{i}_comment" for i in range(MAX_CARDS)]
     light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", "use_negatives", *comments],
                 ["session", "update_status", "ranking", "rank_message"], show_progress="minimal")
-    engine_event(ui["update_button"].click, submit, room, ui,
-                 ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", "use_negatives", *comments],
-                 SUBMIT_OUTPUTS,
-                 show_progress="minimal", show_progress_on=[ui["update_progress"]])
+    updated = engine_event(ui["update_button"].click, submit, room, ui,
+                           ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", "use_negatives",
+                            *comments],
+                           SUBMIT_OUTPUTS,
+                           show_progress="minimal", show_progress_on=[ui["update_progress"]])
+    # the belief chart refreshes after every update
+    engine_event(updated.then, belief_view, room, ui, ["session"], ["belief"], show_progress="hidden")

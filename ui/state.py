@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -35,9 +36,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rlhf_core.cases import Case, CaseFormatError, default_cases_dir, load_library
+from rlhf_core.belief import ProbeSet, belief
 from rlhf_core.checkpoint import read_manifest
 from rlhf_core.conclusion import candidates as conclusion_candidates
 from rlhf_core.engine import Engine
+from rlhf_core.evaluate import split_cases
 from rlhf_core.generation import SamplingConfig, Trace
 from rlhf_core.models import DEFAULT_MODEL, REGISTRY, availability
 from rlhf_core.prompts import build_messages
@@ -176,6 +179,19 @@ class FinalEvent(Event):
     final = True
 
 
+def probe_size_from_env() -> tuple[int, int]:
+    raw = os.environ.get("RLHF_PROBE", "").strip()
+    if not raw:
+        return (6, 6)
+    try:
+        taught, heldout = (int(x) for x in raw.split(","))
+        if not (0 <= taught <= 50 and 0 <= heldout <= 50):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"RLHF_PROBE must be 'taught,heldout' (two whole numbers 0-50), got {raw!r}") from None
+    return taught, heldout
+
+
 def load_cases(cases_dir: str | Path | None) -> tuple[list[Case], str | None]:
     """The case library, falling back to the built-in cases; (cases, problem or None)."""
     from rlhf_core.simulate import BUILTIN_CASES
@@ -223,6 +239,7 @@ class ControlRoom:
         checkpoint_every: int | None = None,
         export_dir: str | Path | None = None,
         background_replay: bool = False,
+        probe_size: tuple[int, int] | None = None,
     ):
         """``db_path``: the database (None: keep everything in memory only).
         ``workspace``: the one to open first (default: the one used last, else "default";
@@ -231,7 +248,9 @@ class ControlRoom:
         ``export_dir``: where downloads are written (default: inside Gradio's file cache).
         ``background_replay``: replay the rankings a restart owes the policy in a thread
         (holding ``lock``, so model work queues behind it) while the page is served;
-        ``restoring`` reports its progress."""
+        ``restoring`` reports its progress.
+        ``probe_size``: (taught, held-out) cases scored after every update (default
+        ``$RLHF_PROBE`` as "taught,heldout", else 6,6; "0,0" turns the probe off)."""
         self.lock = threading.RLock()  # held for every use of the weights
         self._meta = threading.Lock()  # live records / caches; never held during compute
         self.generate_fn = generate_fn or engine_backend
@@ -250,6 +269,7 @@ class ControlRoom:
         self.last_eval: dict | None = None
         self._batches: OrderedDict[str, dict] = OrderedDict()
         self.restoring: dict | None = None  # {"done", "total"} while a background replay runs
+        self._reference_beliefs: dict[tuple, dict] = {}  # (model epoch, case id) -> the reference's belief
         self._restorer: threading.Thread | None = None
         self._background_replay = background_replay and engine is None and db_path is not None
         if engine is not None:
@@ -262,10 +282,30 @@ class ControlRoom:
         self._remember_workspace()
         cases, self.case_problem = load_cases(cases_dir)
         self.cases: dict[str, Case] = {c.id: c for c in cases}
+        self.probe_size = probe_size if probe_size is not None else probe_size_from_env()
+        self._build_probe()
         if self._background_replay:
             self.restoring = {"done": 0, "total": None}
             self._restorer = threading.Thread(target=self._restore, name="replay", daemon=True)
             self._restorer.start()
+
+    def _build_probe(self) -> None:
+        """The engine's probe set: the first cases ranked in this workspace (from the
+        database, so a restart keeps them) and the first held-out cases of the split."""
+        taught_n, heldout_n = self.probe_size
+        if taught_n + heldout_n == 0:
+            self.engine.probe = None
+            return
+        heldout = split_cases(list(self.cases.values()))[1][:heldout_n] if heldout_n else []
+        probe = ProbeSet(heldout=heldout, max_taught=taught_n)
+        if self.store is not None and taught_n:
+            for r in self.store.rankings(self.workspace):
+                case = self.cases.get(r["case_id"])
+                if case is not None and case.id not in {c.id for c in probe.taught}:
+                    probe.teach(case, self.store.ranking_traces(r["id"])[0])
+                if len(probe.taught) >= taught_n:
+                    break
+        self.engine.probe = probe
 
     def _restore(self) -> None:
         def progress(done: int, total: int) -> None:
@@ -415,6 +455,19 @@ class ControlRoom:
             raise KeyError(f"unknown case {case_id!r}")
         return self.cases[case_id]
 
+    def beliefs(self, case_id: str) -> dict:
+        """What the reference and the current policy believe about a case (``belief.belief``);
+        holds the weights for the two scorings (~0.2 s each on SmolLM2, 2 cores)."""
+        case = self.case(case_id)
+        with self.lock:
+            lm, version = self.engine.lm, self.version
+            key = (self.model_epoch, case.id)
+            reference = self._reference_beliefs.get(key)
+            if reference is None:
+                reference = self._reference_beliefs[key] = belief(lm, case, reference=True)
+            policy = reference if self.engine.is_reference else belief(lm, case)
+            return {"reference": reference, "policy": policy, "version": version}
+
     def specialties(self) -> list[str]:
         return sorted({c.specialty for c in self.cases.values()})
 
@@ -554,6 +607,10 @@ class ControlRoom:
                                            comments=comments, case=case, extra_metrics=extra, ranked=ranked)
                 finally:
                     self._changed(persisted=True)  # the ranking is stored even when the update fails
+                ratios = result.get("trace_logratio") or []
+                if len(ratios) == len(objs):  # best to worst: how many times more likely each trace became
+                    result["ranked_likelihood_ratios"] = [
+                        None if ratios[i] is None else math.exp(max(-50.0, min(50.0, ratios[i]))) for i in indices]
                 record = self._ranking_record(objs, indices, config, before, annotator, comments)
                 record["ranked"] = ranked
                 record.update(version_after=result["version"], metrics=dict(result))
@@ -661,6 +718,7 @@ class ControlRoom:
                 self._attach(engine, old.workspace)
             self.engine = engine
             self._remember_workspace()
+            self._build_probe()
             self._policy_replaced(epoch=True)
             return self.describe()
 
@@ -770,6 +828,7 @@ class ControlRoom:
         with self.lock:
             info = self.engine.switch_workspace(name)
             self._remember_workspace()
+            self._build_probe()
             with self._meta:
                 self.unsaved = []
                 self._persist_rev += 1

@@ -1,0 +1,128 @@
+"""Does ranking teach? A scripted run, scored by what the model believes.
+
+    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--json-out F] [--png F]
+
+Runs ``simulate``'s loop (training split of the library, the app's defaults)
+with the engine's probe set on, and reports, per taught case and for every
+held-out case, the probability the model gives the correct diagnosis
+(``belief.belief``: teacher-forced, normalised over the candidates) before and
+after the run, with paired tests (Wilcoxon signed-rank; sign test), plus the
+held-out sampled acceptance of the reference and the final policy
+(``evaluate.heldout_comparison``). ``--png`` draws the probe curves (taught vs
+held-out P(correct) and KL against policy version) with headless Chromium.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict
+
+from rlhf_core.belief import ProbeSet, belief
+from rlhf_core.cases import default_cases_dir, load_library
+from rlhf_core.engine import Engine
+from rlhf_core.evaluate import heldout_comparison, split_cases
+from rlhf_core.simulate import SimulationSettings, run_simulation
+
+from .common import machine, save_json
+
+
+def _paired(before: list[float], after: list[float]) -> dict:
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(after, before)]
+    up = sum(d > 0 for d in diffs)
+    nonzero = sum(d != 0 for d in diffs)
+    out = {"n": len(diffs), "improved": up, "share_improved": up / len(diffs) if diffs else None,
+           "mean_before": statistics.fmean(before), "mean_after": statistics.fmean(after),
+           "mean_change": statistics.fmean(diffs),
+           "sign_test_p": float(stats.binomtest(up, nonzero).pvalue) if nonzero else None}
+    out["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue) if nonzero >= 1 else None
+    return out
+
+
+def draw(history: list[dict], png: str) -> None:
+    """The probe curves as a picture (plotly rendered by headless Chromium)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    from playwright.sync_api import sync_playwright
+
+    xs = [h["version"] for h in history]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("P(correct diagnosis) on the probe set", "KL from the reference (probe set)"))
+    for key, name, color, dash in (("probe/taught_p_correct", "taught cases", "#0f766e", None),
+                                   ("probe/heldout_p_correct", "held-out cases", "#b45309", "dash")):
+        fig.add_trace(go.Scatter(x=xs, y=[h.get(key) for h in history], name=name, mode="lines+markers",
+                                 line={"color": color, "dash": dash}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=xs, y=[h.get("probe/kl") for h in history], name="KL (nats/token)", mode="lines+markers",
+                             line={"color": "#1d4ed8"}), row=1, col=2)
+    fig.update_layout(template="plotly_white", width=1000, height=360, margin={"l": 50, "r": 20, "t": 50, "b": 50},
+                      legend={"orientation": "h", "y": -0.2})
+    fig.update_xaxes(title_text="policy version")
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+        page = browser.new_page(viewport={"width": 1000, "height": 360})
+        page.set_content(html)
+        page.wait_for_selector(".js-plotly-plot")
+        page.screenshot(path=png)
+        browser.close()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--algorithm", default="dpo")
+    parser.add_argument("--probe-taught", type=int, default=6)
+    parser.add_argument("--probe-heldout", type=int, default=6)
+    parser.add_argument("--eval-samples", type=int, default=2, help="held-out sampled A/B, per case and arm (0: skip)")
+    parser.add_argument("--json-out", default="bench/learning.json")
+    parser.add_argument("--png", default="bench/learning.png")
+    args = parser.parse_args(argv)
+    engine = Engine(args.model, device="cpu", dtype="float32")
+    library = load_library(default_cases_dir())
+    train, heldout = split_cases(library)
+    engine.probe = ProbeSet(heldout=heldout[: args.probe_heldout], max_taught=args.probe_taught)
+    before_heldout = [belief(engine.lm, c)["p_correct"] for c in heldout]
+    before_train = {c.id: belief(engine.lm, c)["p_correct"] for c in train}
+    baseline = engine.probe.score(engine.lm)
+    settings = SimulationSettings(algorithm=args.algorithm, updates=args.updates)
+    started = time.perf_counter()
+    history = [{"version": 0, **baseline}]
+    results = run_simulation(engine, settings, cases=train, on_update=lambda m: print(json.dumps(
+        {k: m.get(k) for k in ("update", "case_id", "version", "loss", "kl", "probe/taught_p_correct",
+                               "probe/heldout_p_correct", "probe/kl", "probe/seconds", "seconds")}), flush=True))
+    seconds = time.perf_counter() - started
+    history += [{"version": m["version"], **{k: v for k, v in m.items() if k.startswith("probe/")}} for m in results]
+    taught = list(dict.fromkeys(m["case_id"] for m in results))
+    by_id = {c.id: c for c in train}
+    after_train = {cid: belief(engine.lm, by_id[cid])["p_correct"] for cid in taught}
+    after_heldout = [belief(engine.lm, c)["p_correct"] for c in heldout]
+    result = {
+        "machine": machine(), "model": args.model, "mode": engine.mode, "settings": asdict(settings),
+        "seconds": seconds, "updates": len(results), "final_version": engine.version,
+        "taught": _paired([before_train[c] for c in taught], [after_train[c] for c in taught]),
+        "untaught_train": _paired([before_train[c.id] for c in train if c.id not in after_train],
+                                  [belief(engine.lm, c)["p_correct"] for c in train if c.id not in after_train]),
+        "heldout": _paired(before_heldout, after_heldout),
+        "probe_seconds_median": statistics.median(m["probe/seconds"] for m in results if "probe/seconds" in m),
+        "update_seconds_median": statistics.median(m["seconds"] for m in results),
+        "history": history,
+    }
+    if args.eval_samples:
+        ab = heldout_comparison(engine, library, samples=args.eval_samples)
+        result["heldout_sampled"] = {arm: {k: ab[arm][k] for k in ("accepted", "n", "rate")} for arm in ("reference", "policy")}
+        result["heldout_sampled"]["fisher_p"] = ab["tests"]["fisher_p"]
+    save_json(result, args.json_out)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    if args.png:
+        draw(history, args.png)
+    return result
+
+
+if __name__ == "__main__":
+    from rlhf_core.allocator import use_preferred_allocator
+
+    use_preferred_allocator()
+    main()
