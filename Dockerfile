@@ -17,9 +17,12 @@ WORKDIR /home/app/app
 # The README's install step (`make install`: a venv with pinned torch, requirements.txt and the
 # bundled model). torch is put in the venv first from the CPU wheel index, so the Makefile's
 # pinned `torch==2.13.0` is already satisfied and no CUDA packages are pulled into the image.
+# TORCH_INDEX_URL: where the torch wheel comes from; empty (--build-arg TORCH_INDEX_URL=) uses
+# pip's configured index, for machines that cannot reach download.pytorch.org.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY --chown=app:app Makefile requirements.txt ./
 RUN python3 -m venv .venv \
- && .venv/bin/pip install --no-cache-dir -q --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && .venv/bin/pip install --no-cache-dir -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0 \
  && PIP_NO_CACHE_DIR=1 make install
 
 COPY --chown=app:app . .

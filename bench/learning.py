@@ -1,6 +1,8 @@
 """Does ranking teach? A scripted run, scored by what the model believes.
 
-    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--json-out F] [--png F]
+    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--json-out F] [--png F] [--no-run]
+
+Rewrites README's block between the "learning results" markers.
 
 Runs ``simulate``'s loop (training split of the library, the app's defaults)
 with the engine's probe set on, and reports, per taught case and for every
@@ -69,6 +71,36 @@ def draw(history: list[dict], png: str) -> None:
         browser.close()
 
 
+BEGIN, END = "<!-- BEGIN learning results -->", "<!-- END learning results -->"
+
+
+def _p(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def readme_block(result: dict, png: str | None) -> str:
+    """README's summary of a run, from its stored result."""
+    s = result["settings"]
+    lines = [f"Model `{result['model']}` ({result['mode']} fine-tuning), {result['machine']}: {result['updates']} scripted "
+             f"{s['algorithm'].upper()} updates on the training split ({s['traces']} traces ranked each, below-the-line "
+             f"negatives on), {result['seconds'] / 60:.0f} min; median update {result['update_seconds_median']:.1f} s, "
+             f"probe scoring {result['probe_seconds_median']:.1f} s.", "",
+             "| cases | n | mean P(correct) before | after | improved | Wilcoxon p | sign test p |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, name in (("taught", "taught (ranked once each)"), ("untaught_train", "training split, not ranked"),
+                      ("heldout", "held out")):
+        r = result[key]
+        lines.append(f"| {name} | {r['n']} | {r['mean_before']:.3f} | {r['mean_after']:.3f} | "
+                     f"{r['improved']}/{r['n']} ({r['share_improved']:.0%}) | {_p(r['wilcoxon_p'])} | {_p(r['sign_test_p'])} |")
+    ab = result.get("heldout_sampled")
+    if ab:
+        lines += ["", f"Held-out sampled acceptance (`evaluate`): reference {ab['reference']['accepted']}/{ab['reference']['n']}, "
+                      f"policy {ab['policy']['accepted']}/{ab['policy']['n']}, Fisher p = {_p(ab['fisher_p'])}."]
+    if png:
+        lines += ["", f"![probe curves]({png})"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -79,7 +111,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=2, help="held-out sampled A/B, per case and arm (0: skip)")
     parser.add_argument("--json-out", default="bench/learning.json")
     parser.add_argument("--png", default="bench/learning.png")
+    parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
+    from .diagnosis import write_readme
+
+    if args.no_run:
+        with open(args.json_out) as fh:
+            result = json.load(fh)
+        write_readme(readme_block(result, args.png), BEGIN, END)
+        return result
     engine = Engine(args.model, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
     train, heldout = split_cases(library)
@@ -118,6 +158,7 @@ def main(argv=None) -> dict:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     if args.png:
         draw(history, args.png)
+    write_readme(readme_block(result, args.png), BEGIN, END)
     return result
 
 

@@ -133,6 +133,8 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
 
     # rank: the hard-safety trace (C) cannot be moved to first place; put D first
     assert [label.split(" — ")[0] for label in _radio_labels(page)] == ["1. Trace A", "2. Trace B", "3. Trace D", "4. Trace C"]
+    tails = [label.split(" — ", 1)[1] for label in _radio_labels(page)]
+    assert len(set(tails)) == 4 and all(" words" in t for t in tails)  # each entry tells its trace apart
     _select_and_move(page, "Trace C", "#rank-up", times=3)
     expect(page.locator("#rank-message")).to_contain_text("cannot be placed first")
     assert _radio_labels(page)[0].startswith("1. Trace A") and _radio_labels(page)[1].startswith("2. Trace C")

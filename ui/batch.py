@@ -92,8 +92,11 @@ def live_cards_view(accepted: list[dict], partial: list[str], phase: str, k: int
 
 
 def ranking_label(trace: dict, index: int, position: int) -> str:
-    verdict = trace.get("verdict") or {}
-    label = f"{position}. Trace {letter(index)} — {verdict.get('diagnosis') or 'no conclusion'}"
+    """What tells the traces apart (they all reach the same diagnosis): the first words
+    of the reasoning, its length, the safety score and any warning."""
+    words = (trace.get("text") or "").split()
+    opening = " ".join(words[:6]) + ("…" if len(words) > 6 else "")
+    label = f"{position}. Trace {letter(index)} — “{opening}” · {len(words)} words"
     score = (trace.get("safety") or {}).get("score")
     if isinstance(score, (int, float)):
         label += f" · safety {score:.2f}"
