@@ -10,10 +10,13 @@ sampling noise, so a change between versions is the update's doing.
 
 *Probe set*: a few cases taught in the workspace and a few held-out ones,
 scored after every update: the mean probability of the correct diagnosis and
-top-1 accuracy per group, and the KL from the reference on fixed completions
-(the first ranked traces of each taught case, with the reference log-probs
-stored when they were sampled), so the KL line is cumulative and comparable
-across versions.
+top-1 accuracy per group, and the KL between reference and policy on fixed
+completions (the best ranked trace of each taught case, with the reference
+log-probs stored when it was sampled; k3 estimate of KL(reference || policy)),
+so the KL line is cumulative and comparable across versions. Those traces are
+the ones trained on, so this measures movement on what was taught and runs above
+the distribution-level KL; reference samples of the held-out cases would be the
+unbiased choice (not done yet).
 """
 from __future__ import annotations
 
@@ -92,8 +95,8 @@ class ProbeSet:
         and its first ranked traces become its fixed KL completions."""
         if case.id in {c.id for c in self.taught} or len(self.taught) >= self.max_taught:
             return
-        # at most 4 traces per case: the KL's cost stays a few short forwards per update
-        usable = [t for t in traces if t.completion_ids and t.ref_logps][:4]
+        # one trace per case (the best ranked): the KL costs one short forward per taught case
+        usable = [t for t in traces if t.completion_ids and t.ref_logps][:1]
         if not usable:
             return
         self.taught.append(case)
@@ -118,7 +121,7 @@ class ProbeSet:
 
 
 def probe_kl(lm: LoadedModel, groups: list[list[Trace]]) -> float | None:
-    """Mean k3 KL from the reference (nats/token) over fixed completions, each group
+    """Mean k3 estimate of KL(reference || policy) (nats/token) over fixed completions, each group
     sharing one prompt; None without completions."""
     total = weight = 0.0
     lm.model.train(False)
@@ -133,6 +136,10 @@ def probe_kl(lm: LoadedModel, groups: list[list[Trace]]) -> float | None:
             now = completion_logps(lm.model, batch)
         mask = batch.completion_mask
         n = float(mask.sum())
-        total += float(masked_mean(k3_kl(now, ref.to(now.device) * mask), mask)) * n
+        # the traces were sampled before training moved the policy (at v0: from the reference),
+        # so the k3 estimator of KL(reference || policy) is the one that holds for them
+        # (Schulman 2020, http://joschu.net/blog/kl-approx.html); KL(policy || reference)'s
+        # k3 on them blows up on tokens the training pushed down
+        total += float(masked_mean(k3_kl(ref.to(now.device) * mask, now * mask), mask)) * n
         weight += n
     return total / weight if weight else None

@@ -93,7 +93,7 @@ def test_the_charts_keep_objectives_apart_and_share_one_version_axis():
     loss = {t.name: (list(t.x), t.yaxis) for t in figs["loss"].data}
     assert loss == {"DPO loss": ([1], "y"), "GRPO loss": ([2], "y2")}  # never one line across objectives
     kl = {t.name: list(t.y) for t in figs["kl"].data}
-    assert kl["on the probe set's fixed traces"] == [0.01, 0.02]
+    assert kl["on the taught probe traces (fixed)"] == [0.01, 0.02]
     assert all("GRPO mean reward" != t.name for f in figs.values() for t in f.data)
     spans = {tuple(f.layout.xaxis.range) for name, f in figs.items() if f.data}
     assert spans == {(-0.35, 2.35)}  # every chart: the same version axis

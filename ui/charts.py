@@ -134,7 +134,7 @@ def loss_figure(rows: list[dict], run: int | None = None, xspan=None) -> go.Figu
 def kl_figure(rows: list[dict], run: int | None = None, xspan=None) -> go.Figure:
     run = run or current_run(rows)
     fig = go.Figure()
-    _series(fig, rows, "probe/kl", "on the probe set's fixed traces", COLORS["c"], run, steps=False)
+    _series(fig, rows, "probe/kl", "on the taught probe traces (fixed)", COLORS["c"], run, steps=False)
     _series(fig, rows, "kl", "on each update's own ranked traces", COLORS["old"], run, steps=False, dash="dot")
     fig = _layout(fig, "kl", "nats / token", EMPTY_HINT["kl"], xspan=xspan)
     if fig.data:

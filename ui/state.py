@@ -182,7 +182,7 @@ class FinalEvent(Event):
 def probe_size_from_env() -> tuple[int, int]:
     raw = os.environ.get("RLHF_PROBE", "").strip()
     if not raw:
-        return (4, 4)
+        return (3, 3)
     try:
         taught, heldout = (int(x) for x in raw.split(","))
         if not (0 <= taught <= 50 and 0 <= heldout <= 50):
@@ -250,7 +250,7 @@ class ControlRoom:
         (holding ``lock``, so model work queues behind it) while the page is served;
         ``restoring`` reports its progress.
         ``probe_size``: (taught, held-out) cases scored after every update (default
-        ``$RLHF_PROBE`` as "taught,heldout", else 4,4; "0,0" turns the probe off)."""
+        ``$RLHF_PROBE`` as "taught,heldout", else 3,3; "0,0" turns the probe off)."""
         self.lock = threading.RLock()  # held for every use of the weights
         self._meta = threading.Lock()  # live records / caches; never held during compute
         self.generate_fn = generate_fn or engine_backend
