@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import transformers
 
 from . import generate, roundtrip, update
-from .common import machine
+from .common import machine, write_readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- BEGIN bench results -->", "<!-- END bench results -->"
@@ -86,14 +85,7 @@ def main(argv=None) -> None:
     text = table(gen, upd, rt)
     print(text)
     if not args.no_readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in content:
-            content = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S)
-        else:
-            content += "\n" + block + "\n"
-        readme.write_text(content)
+        write_readme_block(text, BEGIN, END, append_if_missing=True)
 
 
 if __name__ == "__main__":

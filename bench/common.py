@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -74,3 +75,25 @@ def save_json(data, path: str | None) -> None:
     if path:
         with open(path, "w") as fh:
             json.dump(data, fh, indent=2)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def write_readme_block(text: str, begin: str, end: str, append_if_missing: bool = False) -> None:
+    """Replace README's block between the ``begin`` and ``end`` markers with ``text``
+    (benchmarks rewrite their figures, nobody edits them by hand)."""
+    content = README.read_text()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in content:
+        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S)
+    elif append_if_missing:
+        content += "\n" + block + "\n"
+    else:
+        raise SystemExit(f"README.md has no {begin} marker")
+    README.write_text(content)
+
+
+def load_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)

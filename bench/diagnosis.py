@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+from .common import write_readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "bench" / "diagnosis"
@@ -49,14 +50,8 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def write_readme(text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace README's block between ``begin`` and ``end`` with ``text``."""
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    block = f"{begin}\n{text}\n{end}"
-    if begin not in content:
-        raise SystemExit(f"README.md has no {begin} marker")
-    readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S))
+def write_readme(text: str) -> None:
+    write_readme_block(text, BEGIN, END)
 
 
 def main(argv=None) -> None:

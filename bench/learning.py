@@ -27,7 +27,7 @@ from rlhf_core.engine import Engine
 from rlhf_core.evaluate import heldout_comparison, split_cases
 from rlhf_core.simulate import SimulationSettings, run_simulation
 
-from .common import machine, save_json
+from .common import load_json, machine, save_json, write_readme_block
 
 
 def _paired(before: list[float], after: list[float]) -> dict:
@@ -113,12 +113,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--png", default="bench/learning.png")
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
-    from .diagnosis import write_readme
-
     if args.no_run:
-        with open(args.json_out) as fh:
-            result = json.load(fh)
-        write_readme(readme_block(result, args.png), BEGIN, END)
+        result = load_json(args.json_out)
+        write_readme_block(readme_block(result, args.png), BEGIN, END)
         return result
     engine = Engine(args.model, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
@@ -158,7 +155,7 @@ def main(argv=None) -> dict:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     if args.png:
         draw(history, args.png)
-    write_readme(readme_block(result, args.png), BEGIN, END)
+    write_readme_block(readme_block(result, args.png), BEGIN, END)
     return result
 
 

@@ -28,7 +28,7 @@ from rlhf_core.generation import SamplingConfig, sample_stream
 from rlhf_core.models import load_model
 from rlhf_core.sampler import RejectionConfig, sample_verified_stream
 
-from .common import machine, save_json
+from .common import load_json, machine, save_json, write_readme_block
 
 
 def time_to_k(lm, case, sampling: SamplingConfig, rejection: RejectionConfig, reference_is_policy: bool) -> dict:
@@ -125,12 +125,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json-out", default="bench/rankable.json")
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
-    from .diagnosis import write_readme
-
     if args.no_run:
-        with open(args.json_out) as fh:
-            result = json.load(fh)
-        write_readme(readme_block(result), BEGIN, END)
+        result = load_json(args.json_out)
+        write_readme_block(readme_block(result), BEGIN, END)
         return result
     lm = load_model(args.model, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
@@ -151,7 +148,7 @@ def main(argv=None) -> dict:
         result["batch_sweep"] = batch_sweep(lm, library[::max(1, len(library) // args.sweep_cases)][: args.sweep_cases],
                                             sampling, sizes, args.sweep_samples)
     save_json(result, args.json_out)
-    write_readme(readme_block(result), BEGIN, END)
+    write_readme_block(readme_block(result), BEGIN, END)
     return result
 
 
