@@ -114,7 +114,7 @@ def _import(args: argparse.Namespace) -> int:
 
 def _load_cases(path: str | None):
     from .cases import load_cases, load_library
-    from .simulate import library_or_builtin
+    from .library import library_or_builtin
 
     if path is None:
         return library_or_builtin()

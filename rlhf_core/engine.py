@@ -70,17 +70,20 @@ class Engine:
         checkpoint_every: int = 1,
         keep_checkpoints: int | None = 3,
         resume: bool = True,
+        lock: threading.RLock | None = None,
     ):
         """``store``: a ``Store`` or a database path (None: nothing is persisted).
         ``workspace``: the one to open (created if missing; default "default").
         ``checkpoint_every``: save the policy every N updates (replay covers the rest).
         ``keep_checkpoints``: automatic checkpoints kept per workspace (None: all).
-        ``resume``: replay rankings the latest checkpoint does not contain."""
+        ``resume``: replay rankings the latest checkpoint does not contain.
+        ``lock``: the lock held for every use of the weights (default: a new one; an app
+        hands its one lock to every engine it creates)."""
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if keep_checkpoints is not None and keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1 or None, got {keep_checkpoints}")
-        self.lock = threading.RLock()
+        self.lock = lock or threading.RLock()
         self.trainer = PolicyTrainer(load_model(model, device=device, dtype=dtype, lora=lora))
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints

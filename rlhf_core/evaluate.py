@@ -272,7 +272,7 @@ def heldout_comparison(engine, cases: Sequence[Case] | None = None, samples: int
     """The UI's A/B panel: ``compare_policies`` on the held-out split of ``cases``
     (default: the bundled case library)."""
     if cases is None:
-        from .simulate import library_or_builtin
+        from .library import library_or_builtin
 
         cases = library_or_builtin()
     _, heldout = split_cases(cases, heldout_fraction, split_seed)

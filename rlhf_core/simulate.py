@@ -8,68 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cases import Case, SafetyInfo
+from .cases import Case
 from .engine import Engine
 from .generation import SamplingConfig, Trace
+from .library import library_or_builtin
 from .sampler import RejectionConfig
 from .update import make_config
-
-BUILTIN_CASES = [
-    Case(
-        id="builtin-appendicitis",
-        question=(
-            "A 22-year-old man has 18 hours of periumbilical pain that moved to the right lower "
-            "quadrant, with nausea, a temperature of 38.1 C and rebound tenderness at McBurney's "
-            "point. White cell count is 14,000/uL. What is the most likely diagnosis?"
-        ),
-        answer="acute appendicitis",
-        aliases=["appendicitis"],
-        distractors=["mesenteric adenitis", "Crohn disease", "renal colic"],
-        specialty="surgery",
-        icd10="K35.80",
-    ),
-    Case(
-        id="builtin-dka",
-        question=(
-            "A 19-year-old woman with type 1 diabetes has vomiting, abdominal pain and deep rapid "
-            "breathing. Glucose is 520 mg/dL, pH 7.12, bicarbonate 9 mEq/L, and urine ketones are "
-            "strongly positive. What is the most likely diagnosis?"
-        ),
-        answer="diabetic ketoacidosis",
-        aliases=["DKA"],
-        distractors=["hyperosmolar hyperglycemic state", "gastroenteritis", "lactic acidosis"],
-        specialty="endocrinology",
-        icd10="E10.10",
-        safety=SafetyInfo(emergency=True, red_flags=["insulin|fluids|emergency|urgent"]),
-    ),
-    Case(
-        id="builtin-pe",
-        question=(
-            "A 58-year-old woman, 5 days after hip replacement, has sudden pleuritic chest pain and "
-            "shortness of breath. Heart rate 118/min, oxygen saturation 89% on room air, and a "
-            "swollen left calf. What is the most likely diagnosis?"
-        ),
-        answer="pulmonary embolism",
-        aliases=["PE"],
-        distractors=["pneumonia", "myocardial infarction", "pneumothorax"],
-        specialty="pulmonology",
-        icd10="I26.99",
-        safety=SafetyInfo(emergency=True, red_flags=["anticoagula|heparin|CT|emergency|urgent"]),
-    ),
-]
-
-
-def library_or_builtin() -> list[Case]:
-    """The bundled case library when it is there, else a few built-in cases."""
-    try:
-        from .cases import default_cases_dir, load_library
-
-        cases = load_library(default_cases_dir())
-        if cases:
-            return cases
-    except (ImportError, FileNotFoundError):
-        pass
-    return list(BUILTIN_CASES)
 
 
 def scripted_ranking(traces: list[Trace]) -> list[int]:

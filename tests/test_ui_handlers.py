@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -568,18 +569,22 @@ def test_eval_handler_returns_a_table_on_tiny_random(room):
     assert "at least 1" in bad[-1]["_warning"]
 
 
-def test_without_a_database_history_lives_in_memory(memory_room):
+def test_without_a_database_path_the_session_uses_a_temporary_one_deleted_on_close(memory_room):
     room = memory_room
+    db = room.store.path
     _, session = generate(room, k=3)
     final = submit(room, session)[-1]
-    assert room.version == 1 and len(room.metrics("update")) == 1 and len(room.unsaved) == 1
-    assert "stored as ranking" not in final["update_status"] and not final["ranking"]["interactive"]
-    assert "without a database" in rank_tab.record_only(room, session, "Dr A", False)["_warning"]
-    assert "without a database" in data_tab.data_view(room)["data_info"]
-    assert "Could not export" in data_tab.export_data(room, "trl", False, False)["export_status"]
+    assert room.version == 1 and len(room.metrics("update")) == 1 and room.unsaved_count() == 1
+    assert not room.describe()["persistent"] and room.store.count("rankings", room.workspace) == 1
+    assert "stored as ranking" in final["update_status"]
+    assert "Dr Bo recorded" in rank_tab.record_only(room, final["session"], "Dr Bo", False)["update_status"]
+    assert "temporary" in data_tab.data_view(room)["data_info"]
+    assert Path(data_tab.export_data(room, "trl", False, False)["export_file"]).is_file()
     assert zipfile.is_zipfile(data_tab.export_checkpoint(room)["export_file"])
     asked = model_tab.request_reset(room, final["session"])
-    assert "1 ranking update(s) by Dr Ada" in asked["confirm_message"] and "no database" in asked["confirm_message"]
+    assert "temporary database" in asked["confirm_message"] or "nothing is lost" in asked["confirm_message"]
+    room.close()
+    assert not db.exists() and not db.parent.exists()
 
 
 def test_a_restart_serves_at_once_and_replays_in_the_background(tmp_path, monkeypatch):

@@ -36,15 +36,14 @@ EXPORTS = {  # elem_id suffix -> (format, button label)
     "agreement": ("agreement", "Agreement (Kendall's tau)"),
 }
 DATA_OUTPUTS = ["workspace_table", "workspace_choice", "agreement_table", "agreement_summary", "data_info"]
-NO_DB = "This app runs without a database: start it with one (the default) to keep rankings, workspaces and exports."
+TEMPORARY_DB = ("This session's database is temporary: it is deleted when the app stops. Export what you want to keep, "
+                "or start the app with a database (the default) to keep rankings, workspaces and checkpoints.")
 
 
 # ------------------------------------------------------------------ views
 
 
 def workspace_rows(room) -> list[list]:
-    if not room.has_store:
-        return []
     rows = []
     for w in room.workspaces():
         version = w.get("version") if w["active"] else w.get("checkpoint_version")
@@ -73,19 +72,15 @@ def agreement_html(rows: list[dict]) -> str:
 
 
 def data_info_html(room) -> str:
-    if not room.has_store:
-        return status_html(NO_DB, "warn")
     info = room.describe()
+    where = (f'<div class="cr-muted">database {esc(info.get("db"))}</div>' if room.persistent
+             else status_html(TEMPORARY_DB, "warn"))
     return (f'<div class="cr-case-meta"><div>Active workspace <b>{esc(info["workspace"])}</b> · {esc(info["model"])} '
-            f'({esc(info["mode"])}) · policy v{info["version"]} · {info["rankings"]} rankings</div>'
-            f'<div class="cr-muted">database {esc(info.get("db"))}</div></div>')
+            f'({esc(info["mode"])}) · policy v{info["version"]} · {info["rankings"]} rankings</div>{where}</div>')
 
 
 def data_view(room) -> dict:
     """Everything the tab shows, fresh (other sessions may have changed it)."""
-    if not room.has_store:
-        return {"workspace_table": [], "workspace_choice": gr.update(choices=[], value=None), "agreement_table": [],
-                "agreement_summary": "", "data_info": data_info_html(room)}
     rows = room.agreement()
     names = [w[0] for w in workspace_rows(room)]
     return {"workspace_table": workspace_rows(room), "workspace_choice": gr.update(choices=names, value=room.workspace),
@@ -118,8 +113,6 @@ def _ask_switch(room, session: dict, name: str, created: bool = False) -> dict:
 
 
 def create_workspace(room, session: dict, name: str) -> dict:
-    if not room.has_store:
-        return {"workspace_status": status_html(NO_DB, "error"), "_warning": NO_DB}
     name = (name or "").strip()
     if not name:
         return {"workspace_status": status_html("Enter a name for the new workspace.", "warn")}
@@ -134,8 +127,6 @@ def create_workspace(room, session: dict, name: str) -> dict:
 
 
 def request_workspace_switch(room, session: dict, name: str | None) -> dict:
-    if not room.has_store:
-        return {"workspace_status": status_html(NO_DB, "error"), "_warning": NO_DB}
     if not name:
         return {"_warning": "Choose a workspace first."}
     if name == room.workspace:
@@ -213,8 +204,6 @@ def import_rankings(room, path: str | None) -> dict:
     if not path:
         return {}
     name = os.path.basename(path)
-    if not room.has_store:
-        return {"import_status": status_html(NO_DB, "error"), "_warning": NO_DB}
     try:
         counts = room.import_rankings(path)
     except (ValueError, OSError, UnicodeDecodeError) as err:
@@ -233,7 +222,7 @@ def import_rankings(room, path: str | None) -> dict:
 
 def build_data_tab(room, ui: dict) -> None:
     ui["data_info"] = gr.HTML(data_info_html(room), elem_id="data-info")
-    view = data_view(room) if room.has_store else {}
+    view = data_view(room)
     with gr.Row(equal_height=False):
         with gr.Column(scale=6, variant="panel"):
             gr.HTML('<div class="cr-section-title">Workspaces</div><div class="cr-muted">Each workspace is one policy '

@@ -71,7 +71,7 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
     batch = new_batch(case.id, [t.to_dict() for t in last.accepted],
                       [t.to_dict() for t in last.traces if t.trace_id not in accepted_ids],
                       model_key, last.report.to_dict(), version,
-                      generation_id=getattr(last, "generation_id", None), second_opinions=room.has_store,
+                      generation_id=getattr(last, "generation_id", None), second_opinions=True,
                       negatives=[t.to_dict() for t in last.negatives])
     report = last.report
     below = f" · {len(batch['negatives'])} rejected below the line" if batch["negatives"] else ""

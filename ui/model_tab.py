@@ -38,16 +38,15 @@ def model_info_html(room) -> str:
 def _what_is_lost(room, session: dict, action: dict) -> str:
     lines = []
     count, who = room.unsaved_count(), ", ".join(room.unsaved_annotators()) or "unknown"
-    if room.has_store and action["action"] == "switch":
+    if action["action"] == "switch":
         lines.append(f"The current policy is checkpointed in workspace {room.workspace} first, so nothing is lost. "
                      "The new model opens the last workspace it was used in (this one if it fits, else a new one).")
-    elif count and room.has_store:
-        lines.append(f"{count} ranking update(s) by {who} have changed the weights since the last checkpoint; "
-                     f"those weights are lost unless you save first. Every ranking stays in the database "
-                     f"(workspace {room.workspace}) and in its exports.")
     elif count:
+        kept = ("Every ranking stays in the database" if room.persistent
+                else "Every ranking stays in this session's temporary database")
         lines.append(f"{count} ranking update(s) by {who} have changed the weights since the last checkpoint; "
-                     "those weights are lost unless you save first (the rankings are not stored: no database).")
+                     f"those weights are lost unless you save first. {kept} "
+                     f"(workspace {room.workspace}) and in its exports.")
     else:
         lines.append("Every update is in a checkpoint; nothing is lost.")
     batch = session.get("batch")

@@ -154,7 +154,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
         yield refuse(str(err))
         return
     except Exception as err:  # noqa: BLE001 - shown to the clinician
-        kept = " The ranking itself is stored (marked failed)." if room.has_store else ""
+        kept = " The ranking itself is stored (marked failed)."
         yield {"update_progress": progress_html("Update failed", 1, str(err), "error"),
                "update_status": status_html(f"Update failed: {err}.{kept}", "error"), "_warning": f"Update failed: {err}"}
         return
@@ -168,8 +168,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
                f"v{result['version']} · loss {_num(result['loss'])} · KL {_num(result['kl'])} · "
                f"{result['seconds']:.1f}s{skipped}")
     summary += _what_it_did(result)
-    if room.has_store:
-        summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
+    summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
     yield {"session": {**session, "batch": done_batch, "annotator": annotator},
            "update_progress": progress_html("Update done", 1, f"policy v{result['version']}", "done"),
            "update_status": status_html(summary, "warn" if skipped else "ok"), **ranking_view(done_batch),
@@ -199,11 +198,9 @@ def build_rank_panel(room, ui: dict) -> None:
         ui["loss_type"] = gr.Dropdown(list(DPO_LOSS_TYPES), value=d.loss_type, label="Loss variant", elem_id="loss-type")
     with gr.Row():
         ui["update_button"] = gr.Button("Submit ranking & update policy", variant="primary", elem_id="update-button", scale=3)
-        ui["record_button"] = gr.Button("Record ranking only", elem_id="record-button", scale=2,
-                                        visible=room.has_store)
-    if room.has_store:
-        gr.HTML('<div class="cr-muted">“Record ranking only” stores your order without training (a second opinion): '
-                'where two or more clinicians rank the same traces, the Data tab shows their agreement.</div>')
+        ui["record_button"] = gr.Button("Record ranking only", elem_id="record-button", scale=2)
+    gr.HTML('<div class="cr-muted">“Record ranking only” stores your order without training (a second opinion): '
+            'where two or more clinicians rank the same traces, the Data tab shows their agreement.</div>')
     ui["update_progress"] = gr.HTML(progress_html("Idle", 0, "", "idle"), elem_id="update-progress")
     ui["update_status"] = gr.HTML("", elem_id="update-status")
 
