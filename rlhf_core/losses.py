@@ -154,3 +154,40 @@ def grpo_loss(
         "clip_ratio": masked_mean(is_clipped.to(mask.dtype), mask),
     }
     return loss, metrics
+
+
+def plackett_luce_loss(scores: torch.Tensor, ranks: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-likelihood of K-way rankings under the Plackett-Luce model.
+
+    P(order) = prod_k exp(s_(k)) / sum_{j >= k} exp(s_(j)) (Plackett 1975, Luce 1959;
+    the listwise preference model of Appendix A.3 of https://arxiv.org/pdf/2305.18290,
+    ListMLE of https://icml.cc/Conferences/2008/papers/167.pdf). For K = 2 it is the
+    Bradley-Terry log-loss -log sigmoid(s_chosen - s_rejected).
+
+    Ties share a rank and use Breslow's approximation: every member of a tied group
+    is chosen from the same set, all items ranked at or below the group
+    (https://doi.org/10.2307/2529620). The last group (nothing ranked below it)
+    carries no preference and adds nothing, so a partial order ("these above,
+    the rest tied below the line") is a ranking whose last rank is shared.
+
+    Args:
+        scores: [R, K] the reward of each item of R rankings.
+        ranks: [R, K] integers, 0 = best; equal ranks tie; negative = not in the
+            ranking (padding, for rankings with fewer than K items).
+        weights: [R] optional weight per ranking (e.g. lower where annotators disagree).
+
+    Returns:
+        [R] loss per ranking (multiplied by its weight).
+    """
+    if scores.shape != ranks.shape or scores.dim() != 2:
+        raise ValueError(f"scores and ranks must both be [R, K], got {tuple(scores.shape)} and {tuple(ranks.shape)}")
+    valid = ranks >= 0
+    # chooser[r, i, j]: item j is still available when item i is picked
+    chooser = valid.unsqueeze(1) & valid.unsqueeze(2) & (ranks.unsqueeze(1) >= ranks.unsqueeze(2))
+    chooser |= torch.eye(scores.shape[1], dtype=torch.bool, device=scores.device)  # finite rows (and grads) for padding
+    masked = scores.unsqueeze(1).expand(-1, scores.shape[1], -1).masked_fill(~chooser, float("-inf"))
+    lowest = ranks.masked_fill(~valid, -1).max(dim=1, keepdim=True).values
+    informative = valid & (ranks < lowest)
+    per_item = torch.logsumexp(masked, dim=2) - scores
+    losses = torch.where(informative, per_item, torch.zeros_like(per_item)).sum(dim=1)
+    return losses if weights is None else losses * weights

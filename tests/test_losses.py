@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.losses import dpo_loss, group_advantages, grpo_loss, k3_kl
+from rlhf_core.losses import dpo_loss, group_advantages, grpo_loss, k3_kl, plackett_luce_loss
 
 
 def logsig(x):
@@ -117,3 +117,51 @@ def test_grpo_zero_advantage_and_equal_policies_give_zero_loss():
     logps = torch.randn(3, 5)
     loss, metrics = grpo_loss(logps, logps, logps, torch.zeros(3), torch.ones(3, 5))
     assert loss.item() == 0.0 and metrics["kl"].item() == 0.0
+
+
+# ------------------------------------------------------------------ Plackett-Luce
+
+def _pl(scores, ranks, weights=None):
+    return plackett_luce_loss(torch.tensor(scores, dtype=torch.float64), torch.tensor(ranks),
+                              None if weights is None else torch.tensor(weights, dtype=torch.float64))
+
+
+def test_plackett_luce_of_two_items_is_the_bradley_terry_log_loss():
+    got = _pl([[1.5, -0.5], [0.2, 0.9]], [[0, 1], [0, 1]])
+    assert got.tolist() == pytest.approx([-logsig(2.0), -logsig(-0.7)])
+
+
+def test_plackett_luce_of_three_items_by_hand():
+    # order b > c > a with scores a=0, b=2, c=1: -log [e^2/(1+e^2+e) * e/(1+e)]
+    want = -(2 - math.log(1 + math.e**2 + math.e)) - (1 - math.log(1 + math.e))
+    assert _pl([[0.0, 2.0, 1.0]], [[2, 0, 1]]).item() == pytest.approx(want)
+
+
+def test_plackett_luce_sees_only_the_order_not_the_item_positions():
+    g = torch.Generator().manual_seed(0)
+    scores, ranks = torch.randn(5, 6, generator=g), torch.stack([torch.randperm(6, generator=g) for _ in range(5)])
+    perm = torch.randperm(6, generator=g)
+    assert torch.allclose(plackett_luce_loss(scores, ranks), plackett_luce_loss(scores[:, perm], ranks[:, perm]))
+    # the best order (by score) is the likeliest one of all 720
+    best = scores.argsort(dim=1, descending=True).argsort(dim=1)
+    assert (plackett_luce_loss(scores, best) <= plackett_luce_loss(scores, ranks) + 1e-6).all()
+
+
+def test_ties_share_the_choice_set_and_a_tied_last_group_adds_nothing():
+    # a > {b, c} tied below the line: only a's choice counts
+    assert _pl([[1.0, 0.0, 3.0]], [[0, 1, 1]]).item() == pytest.approx(-(1.0 - math.log(math.e + 1 + math.e**3)))
+    # {a, b} tied on top of c (Breslow): both picked from {a, b, c}
+    lse = math.log(math.e**1 + math.e**0.5 + 1)
+    assert _pl([[1.0, 0.5, 0.0]], [[0, 0, 1]]).item() == pytest.approx((lse - 1.0) + (lse - 0.5))
+    assert _pl([[1.0, 2.0]], [[0, 0]]).item() == 0.0  # a full tie says nothing
+
+
+def test_padding_is_ignored_weights_scale_and_gradients_stay_finite():
+    padded = torch.tensor([[1.5, -0.5, 7.0]], requires_grad=True)
+    loss = plackett_luce_loss(padded, torch.tensor([[0, 1, -1]]))
+    assert loss.item() == pytest.approx(-logsig(2.0))
+    loss.sum().backward()
+    assert torch.isfinite(padded.grad).all() and padded.grad[0, 2] == 0
+    assert _pl([[1.5, -0.5]], [[0, 1]], [0.25]).item() == pytest.approx(-0.25 * logsig(2.0))
+    with pytest.raises(ValueError, match=r"\[R, K\]"):
+        plackett_luce_loss(torch.zeros(3), torch.zeros(3, dtype=torch.long))
