@@ -50,7 +50,7 @@ def make_pairs(lm, k: int, tokens: int, seed: int):
 
 
 def ours_traces(lm, prompt_ids, completions):
-    old, ref = score_completions(lm, prompt_ids, completions)
+    old, ref, _ = score_completions(lm, prompt_ids, completions)
     return [
         Trace(BENCH_CASE.id, list(prompt_ids), c, "", "eos", o, r, 0)
         for c, o, r in zip(completions, old, ref)

@@ -207,6 +207,7 @@ class Engine:
         note: str = "",
         case: Case | None = None,
         ranked: int | None = None,
+        suggestion: dict | None = None,
     ) -> int:
         """Store a ranking without updating the policy (e.g. a second annotator of
         the same traces, for the agreement view). Returns the ranking id."""
@@ -214,7 +215,7 @@ class Engine:
         with self.lock:
             return store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
-                policy_version=self.version, ranked=ranked,
+                policy_version=self.version, ranked=ranked, suggestion=suggestion,
             )
 
     def update(
@@ -231,6 +232,8 @@ class Engine:
         extra_metrics: dict | None = None,
         ranking_id: int | None = None,
         ranked: int | None = None,
+        suggestion: dict | None = None,
+        source: str = "app",
     ) -> dict:
         """Apply one ranking (best to worst indices into ``traces``; with ``ranked``
         the positions after the first ``ranked`` are tied below the line).
@@ -254,6 +257,7 @@ class Engine:
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,
                     case=case, policy_version=self.version, update_config=_config_dict(config), ranked=ranked,
+                    suggestion=suggestion, source=source,
                 )
             else:
                 found = self.store.ranking(ranking_id)

@@ -21,6 +21,7 @@ from .conclusion import (
     candidates, choose_candidate, conclusion_record,
 )
 from .decoding import open_decoding, sample_next, score_continuations
+from .features import encode as encode_features, pool_hidden
 from .logprobs import collate, completion_logps, token_logps_from_logits
 from .models import LoadedModel
 from .prompts import build_messages, encode_prompt
@@ -50,6 +51,10 @@ class SamplingConfig:
     # min_new_tokens): the default model otherwise often stops after a few words, and
     # a conclusion with no reasoning before it is rejected as degenerate (capped at max_new_tokens)
     min_reasoning_tokens: int = 32
+    # store the reference's pooled hidden states with each trace (features.py), which the
+    # reward model learns from: free where the reference pass runs anyway, one extra
+    # teacher-forced pass while the policy is still the reference (version 0)
+    reward_features: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_reasoning_tokens <= 4096:
@@ -92,6 +97,7 @@ class Trace:
     # forced conclusion); such tokens count in no loss or log-prob sum. Empty: all 1.
     loss_mask: list[int] = field(default_factory=list)
     conclusion: dict | None = None  # how the conclusion was reached (conclusion.conclusion_record)
+    features: str = ""  # the reference's pooled hidden states (features.encode), for the reward model; "" when none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,22 +133,37 @@ def _rows(values: torch.Tensor, completions: list[list[int]]) -> list[list[float
     return [values[i, : len(c)].tolist() for i, c in enumerate(completions)]
 
 
+def reference_pass(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]],
+                   features: bool = False) -> tuple[list[list[float]], list[str]]:
+    """(per-token reference log-probs, reward-model features) of each completion, from one
+    teacher-forced pass of the reference; the features are ``[]`` unless asked for."""
+    batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
+    with lm.reference() as ref_model, torch.no_grad():
+        if not features:
+            return _rows(completion_logps(ref_model, batch), completions), []
+        logps, hidden = completion_logps(ref_model, batch, return_hidden=True)
+    pooled = pool_hidden(hidden, [len(c) for c in completions])
+    return _rows(logps, completions), [encode_features(row) for row in pooled]
+
+
 def reference_logps(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
     """Per-token reference log-probs of each completion (one teacher-forced pass)."""
-    batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
-    with lm.reference() as ref_model:
-        return _rows(completion_logps(ref_model, batch), completions)
+    return reference_pass(lm, prompt_ids, completions)[0]
 
 
 def score_completions(
-    lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]], reference_is_policy: bool = False
-) -> tuple[list[list[float]], list[list[float]]]:
-    """(policy log-probs, reference log-probs) per completion token, without grad
-    (one pass when the caller knows the policy is still the reference)."""
+    lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]], reference_is_policy: bool = False,
+    features: bool = False,
+) -> tuple[list[list[float]], list[list[float]], list[str]]:
+    """(policy log-probs, reference log-probs, features) per completion, without grad
+    (one pass when the caller knows the policy is still the reference and wants no features)."""
     batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
     with torch.no_grad():
         old = _rows(completion_logps(lm.model, batch), completions)
-    return old, [list(x) for x in old] if reference_is_policy else reference_logps(lm, prompt_ids, completions)
+    if reference_is_policy and not features:
+        return old, [list(x) for x in old], []
+    ref, feats = reference_pass(lm, prompt_ids, completions, features)
+    return old, [list(x) for x in old] if reference_is_policy else ref, feats
 
 
 def build_traces(
@@ -160,10 +181,12 @@ def build_traces(
     finish_reasons: list[str] | None = None,
     loss_masks: list[list[int]] | None = None,
     conclusions: list[dict | None] | None = None,
+    features: list[str] | None = None,
 ) -> list[Trace]:
     """Trace records for completions of one prompt, with their per-token log-probs.
     ``finish_reasons`` default to "eos" when a row ends in an end token, else
-    "length"; ``loss_masks`` to all ones (stored as an empty list)."""
+    "length"; ``loss_masks`` to all ones (stored as an empty list); ``features``
+    (``features.encode``) to none."""
     sampling = asdict(config)
     return [
         Trace(
@@ -179,6 +202,7 @@ def build_traces(
             sampling=sampling,
             loss_mask=list(loss_masks[i]) if loss_masks and 0 in loss_masks[i] else [],
             conclusion=conclusions[i] if conclusions else None,
+            features=features[i] if features else "",
         )
         for i, row in enumerate(rows)
     ]
@@ -294,9 +318,16 @@ def sample_stream(
         if hint:
             # a hinted trace is trained as answering the plain prompt: its "old"
             # log-probs must be taken under that prompt, not the one it was sampled from
-            old_logps, ref_logps = score_completions(lm, train_prompt, rows, reference_is_policy)
+            old_logps, ref_logps, features = score_completions(lm, train_prompt, rows, reference_is_policy,
+                                                               config.reward_features)
         else:
-            ref_logps = [list(x) for x in sampled_logps] if reference_is_policy else reference_logps(lm, train_prompt, rows)
+            features = []
+            if reference_is_policy:  # the reference's log-probs are the sampled ones; a pass only for features
+                ref_logps = [list(x) for x in sampled_logps]
+                if config.reward_features:
+                    features = reference_pass(lm, train_prompt, rows, features=True)[1]
+            else:
+                ref_logps, features = reference_pass(lm, train_prompt, rows, config.reward_features)
             old_logps = sampled_logps
     finally:
         model.train(was_training)
@@ -304,7 +335,7 @@ def sample_stream(
     conclusions = [conclusion_record(plan.mode, concluder.states[i], plan.names, plan.score) for i in range(k)]
     traces = build_traces(
         lm, case, train_prompt, rows, old_logps, ref_logps, policy_version, bool(hint), config, [],
-        finish_reasons=concluder.finish, loss_masks=concluder.masks, conclusions=conclusions,
+        finish_reasons=concluder.finish, loss_masks=concluder.masks, conclusions=conclusions, features=features,
     )
     yield GenerationUpdate(
         [t.text for t in traces],

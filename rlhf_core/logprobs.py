@@ -191,8 +191,9 @@ def _checkpointed_forward(layer: torch.nn.Module, forward):
 
 
 def completion_logps(
-    model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool = True, checkpoint_layers: bool = False
-) -> torch.Tensor:
+    model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool = True, checkpoint_layers: bool = False,
+    return_hidden: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion token given prompt and preceding tokens.
 
     With ``share_prompt`` the prompt, identical for all K rows, is forwarded
@@ -208,16 +209,20 @@ def completion_logps(
 
     Returns:
         [K, T] float32 log-probs, 0 at padding positions. Differentiable when
-        called with grad enabled.
+        called with grad enabled. With ``return_hidden`` also the [K, T, H]
+        final hidden states that predict each completion token (what the head
+        reads; ``features.pool_hidden`` turns them into reward-model features).
     """
     # Without grad, float32 CPU matmuls go through oneDNN (cpu_linear.py). Under grad
     # the caller decides, as backward (and any recomputation of checkpointed
     # segments in it) must run under the same routing as the forward.
     with onednn_linear(model, enabled=batch.input_ids.device.type == "cpu" and not torch.is_grad_enabled()):
-        return _completion_logps(model, batch, share_prompt, checkpoint_layers)
+        logps, hidden = _completion_logps(model, batch, share_prompt, checkpoint_layers, return_hidden)
+    return (logps, hidden) if return_hidden else logps
 
 
-def _completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool, checkpoint_layers: bool) -> torch.Tensor:
+def _completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prompt: bool, checkpoint_layers: bool,
+                      return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     k, t = batch.completion_ids.shape
     p = batch.prompt_len
     parts = _decoder_and_head(model) if share_prompt and k > 1 else None
@@ -234,7 +239,13 @@ def _completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prom
                 if t > 1:
                     rest = decoder(input_ids=batch.completion_ids[:, :-1], past_key_values=cache, use_cache=True)
                     hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)
-                return chunked_head_logps(head, hidden, batch.completion_ids) * batch.completion_mask
-    out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=t + 1)
+                logps = chunked_head_logps(head, hidden, batch.completion_ids) * batch.completion_mask
+                return logps, hidden if return_hidden else None
+    if return_hidden and (parts := _decoder_and_head(model)) is not None:
+        decoder, head = parts  # the head's input is the decoder's last_hidden_state
+        hidden = decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state[:, p - 1 : p + t - 1, :]
+        return chunked_head_logps(head, hidden, batch.completion_ids) * batch.completion_mask, hidden
+    out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=t + 1, output_hidden_states=return_hidden)
     logits = out.logits[:, -(t + 1) : -1, :]
-    return token_logps_from_logits(logits, batch.completion_ids) * batch.completion_mask
+    hidden = out.hidden_states[-1][:, -(t + 1) : -1, :] if return_hidden else None
+    return token_logps_from_logits(logits, batch.completion_ids) * batch.completion_mask, hidden

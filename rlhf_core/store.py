@@ -66,7 +66,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from .cases import Case
 from .generation import Trace
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RANKING_STATUSES = ("pending", "applied", "recorded", "failed")
@@ -170,6 +170,12 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE traces ADD COLUMN conclusion TEXT;
     ALTER TABLE rankings ADD COLUMN ranked INTEGER;
     ALTER TABLE workspaces ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 2 -> 3: the reward model: each trace's reference features (features.py), and the
+    # order a reward model suggested for a ranking (and whether the clinician changed it)
+    """
+    ALTER TABLE traces ADD COLUMN features TEXT;
+    ALTER TABLE rankings ADD COLUMN suggestion TEXT;
     """,
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -306,12 +312,19 @@ class Store:
 
     def trace_texts(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, str]:
         """{trace id: text} for those of ``trace_ids`` the workspace holds."""
-        out: dict[str, str] = {}
+        return self._trace_column(workspace, trace_ids, "text")
+
+    def trace_features(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, str]:
+        """{trace id: reward-model features (``features.encode``)} for those that have them."""
+        return {t: f for t, f in self._trace_column(workspace, trace_ids, "features").items() if f}
+
+    def _trace_column(self, workspace: str, trace_ids: Iterable[str], column: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for chunk in _chunks(list(trace_ids), 500):
             marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT trace_id, text FROM traces WHERE workspace = ? AND trace_id IN ({marks})",
+            for r in self._query(f"SELECT trace_id, {column} FROM traces WHERE workspace = ? AND trace_id IN ({marks})",
                                  [workspace, *chunk]):
-                out[r["trace_id"]] = r["text"]
+                out[r["trace_id"]] = r[column]
         return out
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -518,8 +531,8 @@ class Store:
         cur = conn.execute(
             """INSERT OR IGNORE INTO traces (workspace, trace_id, case_id, text, finish_reason, prompt_ids,
                  completion_ids, old_logps, ref_logps, verdict, safety, sampling, policy_version,
-                 rationalised, source, created, loss_mask, conclusion)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                 rationalised, source, created, loss_mask, conclusion, features)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 workspace, t.trace_id, t.case_id, t.text, t.finish_reason,
                 _dumps(list(t.prompt_ids)) if has_tokens else None,
@@ -529,7 +542,7 @@ class Store:
                 _dumps(t.verdict), _dumps(t.safety), _dumps(t.sampling or {}),
                 t.policy_version, int(bool(t.rationalised)), source, now(),
                 _dumps(list(t.loss_mask)) if has_tokens and t.loss_mask and 0 in t.loss_mask else None,
-                _dumps(t.conclusion),
+                _dumps(t.conclusion), t.features or None,
             ),
         )
         return cur.rowcount
@@ -552,12 +565,13 @@ class Store:
             safety=_loads(row["safety"]),
             loss_mask=_loads(row["loss_mask"], []),
             conclusion=_loads(row["conclusion"]),
+            features=row["features"] or "",
         )
 
     _LIGHT_COLUMNS = (
         "workspace, trace_id, case_id, text, finish_reason, NULL AS prompt_ids, NULL AS completion_ids, "
         "NULL AS old_logps, NULL AS ref_logps, verdict, safety, sampling, policy_version, rationalised, source, created, "
-        "NULL AS loss_mask, conclusion"
+        "NULL AS loss_mask, conclusion, NULL AS features"
     )
 
     def traces(self, workspace: str, case_id: str | None = None, light: bool = False) -> list[Trace]:
@@ -600,6 +614,7 @@ class Store:
         created: str | None = None,
         source: str = "app",
         ranked: int | None = None,
+        suggestion: dict | None = None,
     ) -> int:
         """Store one ranking, committed (fsync'd) before this returns; returns its id.
 
@@ -613,6 +628,7 @@ class Store:
         ranking as waiting for that update ("pending") until ``record_update``;
         without it the ranking is "recorded" only. With a ``uid`` that the
         workspace already holds, nothing is written and the existing id is returned.
+        ``suggestion``: the order a reward model suggested for these traces (``reward_model``).
         """
         traces = [_as_trace(t) for t in traces]
         if not isinstance(annotator, str) or not annotator.strip():
@@ -658,13 +674,13 @@ class Store:
                 self._insert_trace(conn, workspace, t, source)
             cur = conn.execute(
                 """INSERT INTO rankings (uid, workspace, case_id, prompt, group_key, annotator, comments, note,
-                     policy_version, update_config, status, source, created, ranked)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                     policy_version, update_config, status, source, created, ranked, suggestion)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     uid, workspace, case_id, _dumps(prompt), group_key(ids), annotator.strip(),
                     json.dumps(comment_map, ensure_ascii=False), note or "", policy_version,
                     _dumps(update_config), "pending" if update_config is not None else "recorded",
-                    source, created or now(), None if ranked is None else int(ranked),
+                    source, created or now(), None if ranked is None else int(ranked), _dumps(suggestion),
                 ),
             )
             ranking_id = int(cur.lastrowid)
@@ -707,6 +723,7 @@ class Store:
                     "trace_ids": [tid for _, tid, _ in ordered],  # best to worst
                     "input_indices": [ix for _, _, ix in ordered],
                     "ranked": r["ranked"],  # None: all ordered; else the rest are tied below the line
+                    "suggestion": _loads(r["suggestion"]),
                     "group_key": r["group_key"],
                     "annotator": r["annotator"],
                     "comments": _loads(r["comments"], {}),

@@ -82,6 +82,6 @@ class ScriptedBackend:
         prompt = encode_prompt(tok, build_messages(case))
         eos = eos_token_ids(lm)[:1]
         rows = [list(tok.encode(t, add_special_tokens=False)) + eos for t in texts]
-        old, ref = score_completions(lm, prompt, rows)
-        traces = build_traces(lm, case, prompt, rows, old, ref, engine.version, bool(hint), config, eos)
+        old, ref, features = score_completions(lm, prompt, rows, features=config.reward_features)
+        traces = build_traces(lm, case, prompt, rows, old, ref, engine.version, bool(hint), config, eos, features=features)
         yield GenerationUpdate([t.text for t in traces], [True] * len(traces), self.chunks, traces=traces)
