@@ -13,10 +13,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 BOUNDS_ENV = "RLHF_BOUNDS"
+
+
+def knob(default, help: str, range_: "Range | None" = None, **extra):
+    """A config field documented once: its help text and accepted range."""
+    metadata = {"help": help, **extra}
+    if range_ is not None:
+        metadata["range"] = range_
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .bounds import Range, check_fields
+from .bounds import Range, check_fields, knob
 from .cpu_linear import onednn_linear
 from .generation import Trace
 from .logprobs import collate, completion_logps
@@ -22,12 +22,7 @@ from .models import LoadedModel
 ALGORITHMS = ("dpo", "grpo")
 
 
-def _knob(default, help: str, range_: Range | None = None, **extra):
-    """A config field documented once: its help text and accepted range (``bounds``)."""
-    metadata = {"help": help, **extra}
-    if range_ is not None:
-        metadata["range"] = range_
-    return field(default=default, metadata=metadata)
+_knob = knob  # a config field documented once (bounds.knob)
 
 
 @dataclass
