@@ -127,6 +127,7 @@ def ranking_records(store: Store, workspace: str | None = None, exclude_rational
                         "policy_version": t.policy_version,
                         "sampling": t.sampling or {},
                         "comment": r["comments"].get(tid, ""),
+                        "reward_score": ((r["suggestion"] or {}).get("scores") or {}).get(tid),
                     }
                 )
             if len(ordered) < 2:
@@ -146,6 +147,9 @@ def ranking_records(store: Store, workspace: str | None = None, exclude_rational
                 "source": r["source"],
                 "created": r["created"],
                 "traces": ordered,
+                # the reward model's suggested order as shown (scores, the model, its accuracy) and
+                # how far the clinician moved from it; None when no suggestion was shown
+                "suggestion": r["suggestion"],
             }
     if skipped:
         log.warning("%d ranking(s) left out: their prompt is unknown (no case stored)", skipped)

@@ -622,3 +622,30 @@ def test_a_restart_serves_at_once_and_replays_in_the_background(tmp_path, monkey
     worker.join(10)
     assert restarted.version == 2 and waited == [2]
     assert "restoring" not in metrics_panel.metrics_view(restarted)["header"]
+
+
+def test_the_reward_model_suggests_an_order_and_waits_for_the_clinician(room):
+    from rlhf_core.reward_model import RewardConfig
+
+    room.advisor.config = RewardConfig(min_rankings=2, steps=30)
+    for annotator in ("Dr A", "Dr B"):
+        _, session = generate(room, k=3)
+        assert "suggestion" not in session["batch"]  # no reward model yet
+        assert "recorded" in rank_tab.record_only(room, session, annotator, False)["update_status"]
+    outs, session = generate(room, k=3)
+    batch = session["batch"]
+    suggestion = batch["suggestion"]
+    assert batch["order"] == suggestion["order"] and suggestion["reward_model"]["version"] == 2
+    assert "suggested by the reward model (v2, fitted on 2 rankings" in outs[-1]["rank_message"]
+    assert all("reward model" in label for label, _ in outs[-1]["ranking"]["choices"])
+    assert room.store.count("rankings", "default") == 2  # a suggestion is never submitted on its own
+    moved = rank_tab.move_down(room, session, batch["order"][0])["session"]  # the clinician swaps the top two
+    final = submit(room, moved, steps=1)[-1]
+    assert "Policy updated" in final["_info"]
+    stored = room.store.rankings("default")[-1]
+    assert stored["trace_ids"][:3] == moved["batch"]["order"]
+    assert stored["suggestion"]["order"] == suggestion["order"] and stored["suggestion"]["changed_positions"] == 2
+    assert stored["suggestion"]["kendall_tau"] == pytest.approx(1 / 3)
+    exported = json.loads(Path(data_tab.export_data(room, "rankings", False, False)["export_file"]).read_text().splitlines()[-1])
+    assert exported["suggestion"]["changed_positions"] == 2
+    assert [t["reward_score"] for t in exported["traces"][:3]] == [suggestion["scores"][t] for t in moved["batch"]["order"]]

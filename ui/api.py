@@ -54,8 +54,9 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingC
         pass
     accepted = [t.to_dict() for t in last.accepted]
     below = [t.to_dict() for t in last.negatives]
+    suggestion = room.suggest_order(accepted)
     batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate, getattr(last, "generation_id", None),
-                                   negatives=below)
+                                   negatives=below, suggestion=suggestion)
     shown = {t["trace_id"] for t in accepted + below}
     return {
         "batch_id": batch_id, "case_id": case_id, "policy_version": room.version,
@@ -63,6 +64,8 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingC
         "below_the_line": [trace_summary(t) for t in below],
         "rejected": [trace_summary(t.to_dict()) for t in last.traces if t.trace_id not in shown],
         "report": last.report.to_dict(),
+        # the reward model's order (best first) and how good it is; a suggestion only: send your own ranking
+        "suggested_order": suggestion and {k: suggestion[k] for k in ("order", "scores", "reward_model")},
     }
 
 
@@ -87,7 +90,8 @@ def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, alg
         for final in room.update(batch["traces"], list(ranking), config, annotator=annotator, model_key=batch["model_key"],
                                  comments=dict(comments or {}), acceptance_rate=batch["acceptance_rate"],
                                  generation_id=batch.get("generation_id"),
-                                 negatives=(batch.get("negatives") or []) if negatives else []):
+                                 negatives=(batch.get("negatives") or []) if negatives else [],
+                                 suggestion=batch.get("suggestion")):
             pass
     except (RankingError, ValueError) as err:
         raise gr.Error(str(err)) from err

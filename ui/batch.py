@@ -32,6 +32,28 @@ def new_batch(case_id: str, accepted: list[dict], rejected: list[dict], model_ke
     }
 
 
+def with_suggestion(batch: dict, suggestion: dict | None) -> dict:
+    """The batch pre-sorted by the reward model's suggestion (traces that may not be first
+    still go to the bottom); the suggestion records the order as shown."""
+    by_id = {t["trace_id"]: t for t in batch["traces"]}
+    if not suggestion or sorted(suggestion["order"]) != sorted(by_id):
+        return batch
+    order = initial_order([by_id[t] for t in suggestion["order"]])
+    return {**batch, "order": order, "suggestion": {**suggestion, "order": order}}
+
+
+def suggestion_note(batch: dict) -> str:
+    """Says where the starting order came from, and how far to trust it."""
+    suggestion = batch.get("suggestion")
+    if not suggestion:
+        return ""
+    rm = suggestion["reward_model"]
+    accuracy = rm.get("pairwise_accuracy")
+    trust = f"{accuracy:.0%} of held-out pairs ordered as clinicians did" if accuracy == accuracy else "accuracy not known yet"
+    return (f" Starting order suggested by the reward model (v{rm['version']}, fitted on {rm['version']} rankings; "
+            f"{trust}). It is only a suggestion: check it and reorder before you submit.")
+
+
 def can_reorder(batch: dict | None) -> bool:
     """Whether the ranking control may change: before the update, or for a second opinion after it."""
     return bool(batch) and (not batch.get("submitted") or bool(batch.get("second_opinions")))
@@ -91,15 +113,17 @@ def live_cards_view(accepted: list[dict], partial: list[str], phase: str, k: int
     return out
 
 
-def ranking_label(trace: dict, index: int, position: int) -> str:
+def ranking_label(trace: dict, index: int, position: int, reward: float | None = None) -> str:
     """What tells the traces apart (they all reach the same diagnosis): the first words
-    of the reasoning, its length, the safety score and any warning."""
+    of the reasoning, its length, the safety score, the reward model's score and any warning."""
     words = (trace.get("text") or "").split()
     opening = " ".join(words[:6]) + ("…" if len(words) > 6 else "")
     label = f"{position}. Trace {letter(index)} — “{opening}” · {len(words)} words"
     score = (trace.get("safety") or {}).get("score")
     if isinstance(score, (int, float)):
         label += f" · safety {score:.2f}"
+    if reward is not None:
+        label += f" · reward model {reward:+.2f}"
     if not can_rank_first(trace):
         label += " · ⚠ hard safety violation"
     if trace.get("rationalised"):
@@ -115,7 +139,8 @@ def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
                 "rank_message": status_html("Generate traces for a case, then order them here, best first.", "info")}
     index = {t["trace_id"]: i for i, t in enumerate(traces)}
     by_id = {t["trace_id"]: t for t in traces}
-    choices = [(ranking_label(by_id[tid], index[tid], p + 1), tid) for p, tid in enumerate(batch["order"])]
+    rewards = (batch.get("suggestion") or {}).get("scores") or {}
+    choices = [(ranking_label(by_id[tid], index[tid], p + 1, rewards.get(tid)), tid) for p, tid in enumerate(batch["order"])]
     if batch.get("submitted"):
         done = f"Ranking submitted (policy v{batch.get('version_after', '?')})."
         if batch.get("second_opinions"):
@@ -139,7 +164,8 @@ def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
         message = status_html("Every accepted trace has a hard safety violation, so none can be ranked first. Generate again.", "error")
         return {"ranking": gr.update(choices=choices, value=None, interactive=False), "rank_message": message}
     message = status_html("Select a trace, then move it up or down. Top = best. "
-                          "Traces with a hard safety violation cannot be placed first." + recorded_note(batch), "info")
+                          "Traces with a hard safety violation cannot be placed first." + suggestion_note(batch)
+                          + recorded_note(batch), "info")
     return {"ranking": gr.update(choices=choices, value=selected if selected in index else None, interactive=True),
             "rank_message": message}
 

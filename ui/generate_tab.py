@@ -7,7 +7,7 @@ from rlhf_core.generation import SamplingConfig
 from rlhf_core.sampler import RejectionConfig
 
 from .charts import CHARTS
-from .batch import MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title
+from .batch import MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title, with_suggestion
 from .metrics_panel import metrics_view
 from .ranking import letter
 from .views import progress_html, status_html
@@ -73,6 +73,7 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
                       model_key, last.report.to_dict(), version,
                       generation_id=getattr(last, "generation_id", None), second_opinions=True,
                       negatives=[t.to_dict() for t in last.negatives])
+    batch = with_suggestion(batch, room.suggest_order(batch["traces"]))
     report = last.report
     below = f" · {len(batch['negatives'])} rejected below the line" if batch["negatives"] else ""
     done = progress_html(

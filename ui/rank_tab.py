@@ -98,7 +98,8 @@ def record_only(room, session: dict, annotator: str, use_negatives=True, *commen
     try:
         ranking_id = room.record_ranking(batch["traces"], batch["order"], annotator=annotator,
                                          model_key=batch["model_key"], comments=comments_by_trace(batch, comments),
-                                         negatives=(batch.get("negatives") or []) if use_negatives else [])
+                                         negatives=(batch.get("negatives") or []) if use_negatives else [],
+                                         suggestion=batch.get("suggestion"))
     except (RankingError, ValueError) as err:
         return refuse(str(err))
     recorded = [*(batch.get("recorded") or []), {"annotator": annotator, "ranking_id": ranking_id}]
@@ -143,7 +144,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
         for event in room.update(batch["traces"], batch["order"], config, annotator=annotator,
                                  model_key=batch["model_key"], comments=by_position,
                                  acceptance_rate=batch.get("acceptance_rate"), generation_id=batch.get("generation_id"),
-                                 negatives=negatives):
+                                 negatives=negatives, suggestion=batch.get("suggestion")):
             if event["kind"] == "step":
                 n = event["step"] + 1
                 yield {"update_progress": progress_html(f"{config.algorithm.upper()} step {n}/{steps_total}", n / steps_total,

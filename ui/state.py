@@ -18,7 +18,6 @@ annotator); see ``new_session``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -31,11 +30,12 @@ from rlhf_core.belief import ProbeSet, belief
 from rlhf_core.cases import Case
 from rlhf_core.engine import Engine
 from rlhf_core.evaluate import split_cases
-from rlhf_core.generation import SamplingConfig, Trace
+from rlhf_core.generation import SamplingConfig
 from rlhf_core.library import CaseLibrary
 from rlhf_core.models import DEFAULT_MODEL, REGISTRY, availability
 from rlhf_core.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
 from rlhf_core.store import DEFAULT_WORKSPACE, Store
+from rlhf_core.suggest import RankingAdvisor
 from rlhf_core.update import DPOConfig, GRPOConfig, default_lr
 
 from .backends import GenerateFn, engine_backend
@@ -43,7 +43,8 @@ from .batches import BatchCache
 from .files import named_checkpoint, named_checkpoints, prune_archives, remember_workspace, remembered_workspace
 from .history import ChartHistory
 from .jobs import Cancelled, Event, FinalEvent, stream_from_thread
-from .ranking import RankingError, validate_negatives, validate_order
+from .ranking import RankingError
+from .updates import likelihood_ratios, ranked_group, ranking_record, suggestion_record, update_extra
 from .settings import checkpoint_every_from_env, default_export_dir, probe_size_from_env
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,6 @@ log = logging.getLogger(__name__)
 def new_session() -> dict:
     """Per-browser state: the picked case, the traces being ranked, the annotator."""
     return {"case_id": None, "batch": None, "annotator": "", "pending": None, "pending_workspace": None}
-
-
-def _ranked_group(order: list[str], traces: list[dict], negatives: list[dict] | None) -> tuple[list[Trace], list[int], int | None]:
-    """(traces, best-to-worst indices, ranked) for ``Engine.update``: the ordered
-    accepted traces, then the rejected ``negatives`` tied below the line.
-    Raises RankingError for an invalid order or negative."""
-    negatives = list(negatives or [])
-    indices = validate_order(order, traces, below_the_line=len(negatives))
-    validate_negatives(negatives, traces)
-    indices += range(len(traces), len(traces) + len(negatives))
-    return [Trace.from_dict(t) for t in [*traces, *negatives]], indices, len(traces) if negatives else None
 
 
 class ControlRoom:
@@ -108,6 +98,7 @@ class ControlRoom:
         self.revision = 0  # bumped on every change a browser should re-render
         self.history = ChartHistory(self.store)
         self.batches = BatchCache()
+        self.advisor = RankingAdvisor(self.store)  # the workspace's reward model, for suggested orders
         self.last_eval: dict | None = None
         self.restoring: dict | None = None  # {"done", "total"} while a background replay runs
         self._reference_beliefs: dict[tuple, dict] = {}  # (model epoch, case id) -> the reference's belief
@@ -262,6 +253,15 @@ class ControlRoom:
             policy = reference if self.engine.is_reference else belief(lm, case)
             return {"reference": reference, "policy": policy, "version": version}
 
+    def suggest_order(self, traces: list[dict]) -> dict | None:
+        """The reward model's suggested order of freshly sampled traces (``RankingAdvisor.suggest``),
+        or None (too few rankings yet, traces without features, or the fit failed: logged)."""
+        try:
+            return self.advisor.suggest(self.workspace, traces)
+        except Exception:  # noqa: BLE001 - a suggestion is optional; ranking goes on without it
+            log.exception("the reward model could not suggest an order")
+            return None
+
     def specialties(self) -> list[str]:
         return self.cases.specialties()
 
@@ -302,11 +302,12 @@ class ControlRoom:
         yield from stream_from_thread(work)
 
     def remember_batch(self, traces: list[dict], case_id: str, acceptance_rate: float | None,
-                       generation_id: str | None = None, negatives: list[dict] | None = None) -> str:
+                       generation_id: str | None = None, negatives: list[dict] | None = None,
+                       suggestion: dict | None = None) -> str:
         """Keep an API batch so a later rank+update call can refer to it by id."""
         return self.batches.remember(traces=traces, negatives=list(negatives or []), case_id=case_id,
                                      model_key=self.model_key(), acceptance_rate=acceptance_rate,
-                                     generation_id=generation_id)
+                                     generation_id=generation_id, suggestion=suggestion)
 
     def batch(self, batch_id: str) -> dict:
         return self.batches.get(batch_id)
@@ -324,19 +325,22 @@ class ControlRoom:
         acceptance_rate: float | None = None,
         generation_id: str | None = None,
         negatives: list[dict] | None = None,
+        suggestion: dict | None = None,
     ) -> Iterator[Event]:
         """Apply one ranking (best-to-worst trace ids of the accepted ``traces``; the
         rejected ``negatives`` join the group below the line, tied under every ranked
         trace). The ranking is committed before the update starts
-        (``Engine.update``). Yields step events, then a final "done" event with the
+        (``Engine.update``), with the reward model's ``suggestion`` if one was shown
+        (``suggestion_record``: how far the clinician moved away from it). Yields step events, then a final "done" event with the
         metrics and the ranking record. An invalid ranking raises RankingError on the
         first iteration, before anything runs."""
         annotator = (annotator or "").strip()
         if not annotator:
             raise RankingError("Enter your name before submitting a ranking (it is stored with every ranking).")
-        objs, indices, ranked = _ranked_group(order, traces, negatives)
+        objs, indices, ranked = ranked_group(order, traces, negatives)
         self._check_model(model_key)
         case = self.cases.get(objs[0].case_id)
+        shown = suggestion_record(suggestion, order)
         comments = {k: v for k, v in (comments or {}).items() if v and str(v).strip()}
 
         def work(emit, cancelled):  # an update always runs to the end
@@ -344,7 +348,8 @@ class ControlRoom:
                 self._check_model(model_key)
                 engine, run = self.engine, self.run
                 before = engine.version
-                extra = self._update_extra(objs, indices, before, annotator, acceptance_rate, generation_id)
+                extra = update_extra(objs, indices, before, annotator, acceptance_rate,
+                                     self.history.generation(generation_id))
 
                 def on_step(m):
                     rec = Event(kind="step", run=run, x=before + (m["step"] + 1) / config.steps,
@@ -354,14 +359,14 @@ class ControlRoom:
 
                 try:
                     result = engine.update(objs, indices, config, on_step=on_step, annotator=annotator,
-                                           comments=comments, case=case, extra_metrics=extra, ranked=ranked)
+                                           comments=comments, case=case, extra_metrics=extra, ranked=ranked,
+                                           suggestion=shown)
                 finally:
                     self._changed(persisted=True)  # the ranking is stored even when the update fails
-                ratios = result.get("trace_logratio") or []
-                if len(ratios) == len(objs):  # best to worst: how many times more likely each trace became
-                    result["ranked_likelihood_ratios"] = [
-                        None if ratios[i] is None else math.exp(max(-50.0, min(50.0, ratios[i]))) for i in indices]
-                record = self._ranking_record(objs, indices, config, before, annotator, comments)
+                ratios = likelihood_ratios(result.get("trace_logratio") or [], indices)
+                if ratios is not None:
+                    result["ranked_likelihood_ratios"] = ratios
+                record = ranking_record(objs, indices, config, before, annotator, comments, engine)
                 record["ranked"] = ranked
                 record.update(version_after=result["version"], metrics=dict(result))
                 if "ranking_id" in result:
@@ -371,63 +376,28 @@ class ControlRoom:
 
         yield from stream_from_thread(work)
 
-    def _update_extra(self, traces, indices, before, annotator, acceptance_rate, generation_id) -> dict:
-        """What the charts need of an update beyond the trainer's metrics (stored with it)."""
-        safety = [t.safety["score"] for t in traces if t.safety]
-        top = traces[indices[0]].safety
-        extra = {
-            "annotator": annotator, "case_id": traces[0].case_id, "version_before": before, "n_traces": len(traces),
-            "below_the_line": sum(not (t.verdict or {}).get("accepted") for t in traces),
-            "acceptance_rate": acceptance_rate,
-            "safety_ranked": sum(safety) / len(safety) if safety else None,
-            "safety_top": top["score"] if top else None,
-            "sampled_version": min(t.policy_version for t in traces),
-        }
-        generation = self.history.generation(generation_id)
-        if generation:
-            extra["generation_id"] = generation_id
-            for key in ("sampled", "accepted", "rationalised", "safety_accepted", "safety_all"):
-                extra[key] = generation.get(key)
-            extra["sampled_version"] = generation["version"]
-            if extra["acceptance_rate"] is None:
-                extra["acceptance_rate"] = generation["acceptance_rate"]
-        return extra
-
     def record_ranking(self, traces: list[dict], order: list[str], *, annotator: str, model_key: str,
-                       comments: dict[str, str] | None = None, negatives: list[dict] | None = None) -> int:
+                       comments: dict[str, str] | None = None, negatives: list[dict] | None = None,
+                       suggestion: dict | None = None) -> int:
         """Store a ranking without updating the policy (a second opinion, for the
         agreement view; the same ``negatives`` below the line as the update's, so
         both rank the same group). Returns its id."""
         annotator = (annotator or "").strip()
         if not annotator:
             raise RankingError("Enter your name before recording a ranking (it is stored with every ranking).")
-        objs, indices, ranked = _ranked_group(order, traces, negatives)
+        objs, indices, ranked = ranked_group(order, traces, negatives)
         engine = self.engine
         with self.lock:
             self._check_model(model_key)
             ranking_id = engine.record_ranking(objs, indices, annotator, comments=comments or {},
-                                               case=self.cases.get(objs[0].case_id), ranked=ranked)
+                                               case=self.cases.get(objs[0].case_id), ranked=ranked,
+                                               suggestion=suggestion_record(suggestion, order))
         self._changed(persisted=True)
         return ranking_id
 
     def _check_model(self, model_key: str) -> None:
         if model_key != self.model_key():
             raise RankingError("The model or workspace was switched since these traces were generated; generate again.")
-
-    def _ranking_record(self, traces, indices, config, before, annotator, comments) -> dict:
-        """What a clinician submitted, with the policy version each trace was sampled from."""
-        return {
-            "ranking_id": uuid.uuid4().hex[:12], "time": time.time(), "annotator": annotator,
-            "case_id": traces[0].case_id, "model": self.engine.lm.name, "mode": self.engine.mode,
-            "workspace": self.workspace,
-            "order": [traces[i].trace_id for i in indices],
-            "traces": [t.to_dict() for t in traces],
-            "sampled_versions": {t.trace_id: t.policy_version for t in traces},
-            "policy_version_sampled": min(t.policy_version for t in traces),
-            "version_before": before, "version_after": None,
-            "comments": {k: v for k, v in comments.items() if v},
-            "algorithm": config.algorithm, "config": dict(vars(config)), "metrics": None,
-        }
 
     # ---------------------------------------------------------------- models
     def models(self) -> list[dict]:
