@@ -55,6 +55,7 @@ def _simulate(args: argparse.Namespace) -> int:
         algorithm=args.algorithm, updates=args.updates, traces=args.traces,
         max_new_tokens=args.max_new_tokens, seed=args.seed, budget=args.budget,
         steps=args.steps, lr=args.lr, conclusion=conclusion, negatives=args.negatives,
+        autopilot=args.autopilot,
     )
     resumed = False
     if engine.store is not None:
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--checkpoint-every", type=int, default=1, help="save a checkpoint every N updates")
     sim.add_argument("--keep-checkpoints", type=int, default=3, help="automatic checkpoints kept (0: all)")
     sim.add_argument("--annotator", default="simulated-clinician")
+    sim.add_argument("--autopilot", action="store_true",
+                     help="rank with the workspace's reward model (fitted on its clinicians' rankings; verified traces "
+                     "first) instead of the scripted clinician; recorded as source 'autopilot'")
     sim.add_argument("--lora", action="store_true")
     sim.add_argument("--device", default=None)
     sim.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)

@@ -12,6 +12,7 @@ from .cases import Case
 from .engine import Engine
 from .generation import SamplingConfig, Trace
 from .library import library_or_builtin
+from .reward_data import MODEL_RANKED
 from .sampler import RejectionConfig
 from .update import make_config
 
@@ -24,6 +25,18 @@ def scripted_ranking(traces: list[Trace]) -> list[int]:
         verified = bool(t.verdict and t.verdict.get("accepted"))
         safety = t.safety["score"] if t.safety else 1.0
         return (not verified, -safety, len(t.completion_ids), i)
+
+    return sorted(range(len(traces)), key=key)
+
+
+def model_ranking(traces: list[Trace], reward_model) -> list[int]:
+    """The autopilot's order: the verifier is a hard gate (verified first), then the
+    reward model's score (a trace it cannot score goes last among its side of the gate)."""
+    scores = reward_model.score_traces([t.features for t in traces])
+
+    def key(i: int):
+        verified = bool(traces[i].verdict and traces[i].verdict.get("accepted"))
+        return (not verified, scores[i] is None, -(scores[i] or 0.0), i)
 
     return sorted(range(len(traces)), key=key)
 
@@ -42,6 +55,9 @@ class SimulationSettings:
     lr: float | None = None  # None: the engine's default for the mode
     conclusion: str = "constrained"  # SamplingConfig.conclusion
     negatives: int = 4  # rejected traces below the line (RejectionConfig.negatives); 0: none
+    # rank with the workspace's reward model (fitted on its clinicians' rankings; verified
+    # traces first) instead of the scripted clinician; recorded as source "autopilot"
+    autopilot: bool = False
 
     def __post_init__(self) -> None:
         if self.updates < 1:
@@ -62,9 +78,16 @@ def run_simulation(
     With a store attached to the engine every trace, ranking (committed before
     its update starts), update and checkpoint is recorded, and the run carries
     on from the workspace's history: update numbers, the case order and the
-    sampling seeds continue where the previous run stopped.
+    sampling seeds continue where the previous run stopped. With ``settings.autopilot``
+    the workspace's reward model ranks (``model_ranking``): it needs a store whose
+    workspace holds enough clinician rankings, and every ranking it makes is labelled
+    (source "autopilot", annotator "autopilot (reward model vN)").
     """
     cases = cases or library_or_builtin()
+    reward_model, source = None, "app"
+    if settings.autopilot:
+        reward_model = _clinicians_reward_model(engine)
+        annotator, source = f"autopilot (reward model v{reward_model.info['version']})", MODEL_RANKED
     rng = random.Random(settings.seed)
     order = rng.sample(cases, len(cases))
     start = len(engine.history()) if engine.store is not None else 0
@@ -90,7 +113,7 @@ def run_simulation(
             chosen_ids = {t.trace_id for t in group}
             group += [t for t in result.all_traces if t.trace_id not in chosen_ids][: settings.traces - len(group)]
             ranked = None
-        ranking = scripted_ranking(group)
+        ranking = model_ranking(group, reward_model) if reward_model else scripted_ranking(group)
         config = make_config(settings.algorithm, steps=settings.steps, lr=settings.lr)
         safety_scores = [t.safety["score"] for t in group if t.safety]
         extra = dict(
@@ -104,11 +127,27 @@ def run_simulation(
             safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,
             generation_seconds=generation_seconds,
         )
-        metrics = engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra, ranked=ranked)
+        if reward_model:
+            extra.update(autopilot=True, reward_model_version=reward_model.info["version"])
+        metrics = engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra,
+                                ranked=ranked, source=source)
         results.append(metrics)
         if on_update:
             on_update(metrics)
     return results
+
+
+def _clinicians_reward_model(engine: Engine):
+    from .suggest import RankingAdvisor
+
+    if engine.store is None:
+        raise ValueError("autopilot needs a database: its reward model is fitted on the workspace's rankings")
+    advisor = RankingAdvisor(engine.store)
+    model = advisor.model(engine.workspace)
+    if model is None:
+        raise ValueError(f"autopilot needs at least {advisor.config.min_rankings} clinician rankings with features "
+                         f"in workspace {engine.workspace!r} to fit its reward model")
+    return model
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from rlhf_core.cases import Case
 from rlhf_core.engine import Engine
 from rlhf_core.simulate import SimulationSettings, run_simulation
@@ -152,3 +154,24 @@ def test_simulate_teaches_the_training_split_and_opens_a_workspace_per_model(tmp
     assert "tiny-random-lora" in names and names["default"]["mode"] == "full"
     assert {r["case_id"] for r in store.rankings("tiny-random-lora")} <= {c.id for c in heldout}
     store.close()
+
+
+def test_autopilot_ranks_with_the_clinicians_reward_model_and_says_so(tmp_path, case):
+    from dataclasses import replace
+
+    from rlhf_core.reward_data import MODEL_RANKED, rankings_from_store
+
+    cases = [case, Case(id="t-mi", question="Crushing chest pain and ST elevation. Diagnosis?", answer="myocardial infarction")]
+    settings = SimulationSettings(updates=2, traces=3, max_new_tokens=4, budget=3, steps=1, lr=1e-3)
+    engine = Engine("tiny-random", device="cpu", store=tmp_path / "rlhf.sqlite", workspace="sim")
+    with pytest.raises(ValueError, match="autopilot needs at least 5 clinician rankings"):
+        run_simulation(engine, replace(settings, autopilot=True), cases)
+    run_simulation(engine, replace(settings, updates=5), cases)
+    clinicians = len(rankings_from_store(engine.store, "sim"))
+    assert clinicians == 5
+    auto = run_simulation(engine, replace(settings, autopilot=True), cases)
+    assert all(m["autopilot"] and m["reward_model_version"] == 5 for m in auto)
+    labelled = engine.store.rankings("sim")[-2:]
+    assert {r["source"] for r in labelled} == {MODEL_RANKED}
+    assert {r["annotator"] for r in labelled} == {"autopilot (reward model v5)"}
+    assert len(rankings_from_store(engine.store, "sim")) == clinicians  # never trained on its own rankings
