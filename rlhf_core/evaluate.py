@@ -185,6 +185,39 @@ def _arm_summary(rows: list[dict]) -> dict:
     }
 
 
+def paired_tests(before: Sequence[float], after: Sequence[float]) -> dict:
+    """Paired comparison of per-case values: mean change, how many rose, the Wilcoxon
+    signed-rank test and the sign test (both two-sided; None where every pair is equal)."""
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(after, before)]
+    nonzero = [d for d in diffs if d != 0]
+    up = sum(d > 0 for d in diffs)
+    return {"n": len(diffs), "improved": up, "mean_before": sum(before) / len(before) if before else None,
+            "mean_after": sum(after) / len(after) if after else None,
+            "mean_change": sum(diffs) / len(diffs) if diffs else None,
+            "wilcoxon_p": float(stats.wilcoxon(nonzero).pvalue) if nonzero else None,
+            "sign_test_p": float(stats.binomtest(up, len(nonzero)).pvalue) if nonzero else None}
+
+
+def likelihood_comparison(lm: LoadedModel, cases: Sequence[Case]) -> dict:
+    """The probe-style A/B: per case, the probability reference and policy give the correct
+    diagnosis when asked to conclude (``belief.belief``: teacher-forced, no sampling noise),
+    compared pairwise over the cases. Detects changes far smaller than sampled acceptance can."""
+    from .belief import belief
+
+    started = time.perf_counter()
+    rows = []
+    for case in cases:
+        ref, pol = belief(lm, case, reference=True), belief(lm, case)
+        rows.append({"case_id": case.id, "reference": ref["p_correct"], "policy": pol["p_correct"],
+                     "reference_top1": ref["top1"], "policy_top1": pol["top1"]})
+    return {"p_correct": paired_tests([r["reference"] for r in rows], [r["policy"] for r in rows]),
+            "top1": {"reference": sum(r["reference_top1"] for r in rows), "policy": sum(r["policy_top1"] for r in rows),
+                     "n": len(rows)},
+            "per_case": rows, "seconds": time.perf_counter() - started}
+
+
 def compare_policies(
     engine,
     cases: Sequence[Case],
@@ -232,6 +265,7 @@ def compare_policies(
                 done += 1
                 if on_progress is not None:
                     on_progress({"done": done, "total": total, "case_id": case.id, "arm": arm})
+        likelihood = likelihood_comparison(lm, cases)
     ref, pol = _arm_summary(rows["reference"]), _arm_summary(rows["policy"])
     tests = two_proportion_tests(pol["accepted"], pol["n"], ref["accepted"], ref["n"])
     per_case = []
@@ -261,6 +295,7 @@ def compare_policies(
         },
         "tests": {**tests, "safety_welch_p": welch_p([r["safety"] for r in rows["policy"]], [r["safety"] for r in rows["reference"]])},
         "per_case": per_case,
+        "likelihood": likelihood,
         "seconds": time.perf_counter() - started,
     }
     if keep_texts:
@@ -316,6 +351,13 @@ def format_table(result: dict) -> str:
         f"Fisher exact p = {t['fisher_p']:.4g}; chi-square = {t['chi2']:.3f}, p = {t['chi2_p']:.4g}; "
         f"safety Welch p = {_num(t['safety_welch_p'], '{:.4g}')}",
     ]
+    like = result.get("likelihood")
+    if like:
+        p, top = like["p_correct"], like["top1"]
+        lines += ["", f"P(correct diagnosis), teacher-forced, paired over {p['n']} case(s): "
+                      f"reference {_num(p['mean_before'])} -> policy {_num(p['mean_after'])} "
+                      f"(higher in {p['improved']}/{p['n']}); Wilcoxon p = {_num(p['wilcoxon_p'], '{:.4g}')}, "
+                      f"sign test p = {_num(p['sign_test_p'], '{:.4g}')}; top-1 {top['reference']:g} -> {top['policy']:g} of {top['n']}"]
     if len(result["per_case"]) > 1:
         lines += ["", f"{'case':<32} {'reference':>10} {'policy':>10}"]
         for c in result["per_case"]:

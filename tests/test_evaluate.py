@@ -76,6 +76,21 @@ def test_compare_policies_samples_the_reference_for_the_reference_arm(case, lora
     json.dumps({k: v for k, v in after.items() if k != "traces"})  # plain JSON
     table = format_table(after)
     assert "reference" in table and "Fisher exact p" in table and "t2" in table
+    # the paired likelihood A/B: same weights, identical beliefs; after the updates, the policy's differ
+    same, moved = before["likelihood"], after["likelihood"]
+    assert all(r["reference"] == r["policy"] for r in same["per_case"]) and same["p_correct"]["wilcoxon_p"] is None
+    assert [r["reference"] for r in moved["per_case"]] == pytest.approx([r["reference"] for r in same["per_case"]])
+    assert any(abs(r["policy"] - r["reference"]) > 1e-4 for r in moved["per_case"])
+    assert moved["p_correct"]["n"] == 2 and 0 <= moved["p_correct"]["wilcoxon_p"] <= 1
+    assert "P(correct diagnosis), teacher-forced, paired over 2 case(s)" in table
+
+
+def test_paired_tests_by_hand():
+    from rlhf_core.evaluate import paired_tests
+
+    out = paired_tests([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    assert out["improved"] == 6 and out["mean_change"] == pytest.approx(0.1)
+    assert out["sign_test_p"] == pytest.approx(2 / 64) and out["wilcoxon_p"] == pytest.approx(0.03125)
 
 
 def test_heldout_comparison_and_cli(tmp_path, case):

@@ -50,6 +50,13 @@ def eval_rows(result: dict) -> list[list[str]]:
     ci = f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] Newcombe"
     p = f"Fisher {t['fisher_p']:.3g}; safety Welch {_num(t['safety_welch_p'], '{:.3g}')}"
     rows.append(["policy − reference", "", rate, ci, _num(d["safety"], "{:+.3f}"), "", p])
+    like = result.get("likelihood")
+    if like:  # the paired, teacher-forced comparison: no sampling noise
+        lp, top = like["p_correct"], like["top1"]
+        rows.append(["P(correct diagnosis), paired", f"higher in {lp['improved']}/{lp['n']} cases",
+                     f"{_num(lp['mean_before'])} → {_num(lp['mean_after'])}",
+                     f"top-1 {top['reference']:g} → {top['policy']:g} of {top['n']}", "", "",
+                     f"Wilcoxon {_num(lp['wilcoxon_p'], '{:.3g}')}; sign test {_num(lp['sign_test_p'], '{:.3g}')}"])
     return rows
 
 
@@ -59,11 +66,16 @@ def eval_summary_html(result: dict) -> str:
     verdict = ("a significant difference in acceptance (Fisher p < 0.05)" if significant
                else "no significant difference in acceptance (Fisher p ≥ 0.05)")
     where = f" in workspace {result['workspace']}" if result.get("workspace") else ""
+    like = (result.get("likelihood") or {}).get("p_correct")
+    paired = ("" if not like else
+              f" · what the model believes (teacher-forced, paired over the same cases, no sampling noise): "
+              f"P(correct) {_num(like['mean_before'])} → {_num(like['mean_after'])}, higher in "
+              f"{like['improved']}/{like['n']} cases, Wilcoxon p {_num(like['wilcoxon_p'], '{:.3g}')}")
     return status_html(
         f"{split.get('heldout', len(result['cases']))} held-out case(s) of {split.get('total', '?')} × "
         f"{result['samples_per_case']} sample(s) per arm · {result['model']} policy v{result['policy_version']}{where}: "
         f"reference {_pct(ref['rate'])} → policy {_pct(pol['rate'])} accepted, {verdict}; "
-        f"mean safety {_num(ref['safety_mean'])} → {_num(pol['safety_mean'])} · {result['seconds']:.1f}s",
+        f"mean safety {_num(ref['safety_mean'])} → {_num(pol['safety_mean'])}{paired} · {result['seconds']:.1f}s",
         "ok" if significant and (result["difference"]["rate"] or 0) > 0 else "info")
 
 
@@ -111,7 +123,9 @@ def build_eval_tab(room, ui: dict) -> None:
     gr.HTML('<div class="cr-muted">Reference (the frozen starting model) vs the current policy on the held-out '
             f'{int(HELDOUT_FRACTION * 100)}% of the case library (chosen by a hash of each case id, so a case stays on '
             'its side as cases are added). Free sampling, judged by the verifier and the safety checker. Traces of '
-            'one case are not independent: with few cases the p-values are optimistic.</div>')
+            'one case are not independent: with few cases the p-values are optimistic. Beside it, the paired likelihood '
+            'comparison: the probability each model gives the correct diagnosis when asked to conclude, case by case '
+            '(scored, not sampled), which detects changes far smaller than acceptance can.</div>')
     with gr.Row():
         ui["eval_samples"] = gr.Slider(1, 32, value=4, step=1, label="Samples per case and arm", elem_id="eval-samples")
         ui["eval_max_tokens"] = gr.Slider(16, 512, value=128, step=16, label="Max new tokens", elem_id="eval-max-tokens")
