@@ -26,6 +26,7 @@ class RankingSet:
     case_ids: list[str]
     ranking_ids: list[int]
     trace_ids: list[list[str]]  # R lists, aligned with the valid items of each row
+    weights: np.ndarray | None = None  # [R] how much each ranking counts (agreement_weight); None: all 1
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -33,7 +34,8 @@ class RankingSet:
     def subset(self, rows) -> "RankingSet":
         rows = list(rows)
         return RankingSet(self.features[rows], self.ranks[rows], [self.case_ids[i] for i in rows],
-                          [self.ranking_ids[i] for i in rows], [self.trace_ids[i] for i in rows])
+                          [self.ranking_ids[i] for i in rows], [self.trace_ids[i] for i in rows],
+                          None if self.weights is None else self.weights[rows])
 
 
 def ranks_of(n: int, ranked: int | None) -> list[int]:
@@ -41,7 +43,14 @@ def ranks_of(n: int, ranked: int | None) -> list[int]:
     return [i if ranked is None or i < ranked else ranked for i in range(n)]
 
 
-def build_set(rows: list[tuple[str, int, list[str], list[np.ndarray], list[int]]]) -> RankingSet:
+def agreement_weight(mean_tau: float) -> float:
+    """How much a ranking counts when other annotators ranked the same traces: (1 + mean
+    Kendall's tau with them) / 2, so 1 when all agree, 0.5 when unrelated, 0 when reversed."""
+    return (1.0 + mean_tau) / 2.0
+
+
+def build_set(rows: list[tuple[str, int, list[str], list[np.ndarray], list[int]]],
+              weights: list[float] | None = None) -> RankingSet:
     """A ``RankingSet`` from (case id, ranking id, trace ids, feature vectors, ranks) rows."""
     if not rows:
         return RankingSet(np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.int64), [], [], [])
@@ -54,16 +63,22 @@ def build_set(rows: list[tuple[str, int, list[str], list[np.ndarray], list[int]]
     for i, (_, _, _, feats, rk) in enumerate(rows):
         features[i, : len(feats)] = np.stack(feats)
         ranks[i, : len(rk)] = rk
-    return RankingSet(features, ranks, [r[0] for r in rows], [r[1] for r in rows], [list(r[2]) for r in rows])
+    return RankingSet(features, ranks, [r[0] for r in rows], [r[1] for r in rows], [list(r[2]) for r in rows],
+                      None if weights is None else np.asarray(weights, np.float32))
 
 
 def rankings_from_store(store, workspace: str) -> RankingSet:
     """Every clinician ranking of ``workspace`` whose traces carry features (a trace
     without them, e.g. an imported one, is left out of its ranking; a ranking left
-    with fewer than two ranks is skipped). Rankings the reward model made are not used."""
+    with fewer than two ranks is skipped). Rankings the reward model made are not used.
+    Where several annotators ranked the same traces (``export.agreement``), each one's
+    latest ranking is weighted by ``agreement_weight`` and earlier ones by 0."""
+    from .export import agreement
+
     rankings = [r for r in store.rankings(workspace) if r["source"] != MODEL_RANKED]
     stored = store.trace_features(workspace, {t for r in rankings for t in r["trace_ids"]})
-    rows = []
+    shared = {row["group_key"]: row for row in agreement(store, workspace)}
+    rows, weights = [], []
     for r in rankings:
         ranks = ranks_of(len(r["trace_ids"]), r["ranked"])
         kept = [(t, rk) for t, rk in zip(r["trace_ids"], ranks) if stored.get(t)]
@@ -71,7 +86,10 @@ def rankings_from_store(store, workspace: str) -> RankingSet:
             continue
         rows.append((r["case_id"], r["id"], [t for t, _ in kept], [decode(stored[t]) for t, _ in kept],
                      [rk for _, rk in kept]))
-    return build_set(rows)
+        group = shared.get(r["group_key"])
+        weights.append(1.0 if group is None else
+                       agreement_weight(group["mean_tau"]) if r["uid"] in group["ranking_uids"] else 0.0)
+    return build_set(rows, weights)
 
 
 def _unit_hash(text: str, seed: int) -> float:

@@ -109,8 +109,9 @@ class RewardModel:
             raise ValueError(f"{folder} is not a readable reward model: {err}") from None
 
 
-def fit(data: RankingSet, config: RewardConfig | None = None, weights: np.ndarray | None = None) -> RewardModel:
-    """Fit a reward head on ``data`` by minimising the mean Plackett-Luce loss (+ L2)."""
+def fit(data: RankingSet, config: RewardConfig | None = None) -> RewardModel:
+    """Fit a reward head on ``data`` by minimising the Plackett-Luce loss (+ L2), each
+    ranking weighted by ``data.weights`` (where annotators disagree, less)."""
     config = config or RewardConfig()
     if len(data) == 0:
         raise ValueError("no rankings with features to fit a reward model on")
@@ -120,7 +121,7 @@ def fit(data: RankingSet, config: RewardConfig | None = None, weights: np.ndarra
     mean, std = items.mean(axis=0), items.std(axis=0) + 1e-3
     x = torch.from_numpy(((data.features - mean) / std).astype(np.float32)) * torch.from_numpy(valid[..., None])
     ranks = torch.from_numpy(data.ranks)
-    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    w = None if data.weights is None else torch.from_numpy(data.weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = _head(config, x.shape[-1])
@@ -129,7 +130,8 @@ def fit(data: RankingSet, config: RewardConfig | None = None, weights: np.ndarra
     optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr)
     for _ in range(config.steps):
-        loss = plackett_luce_loss(head(x).squeeze(-1), ranks, w).mean()
+        losses = plackett_luce_loss(head(x).squeeze(-1), ranks, w)
+        loss = losses.mean() if w is None else losses.sum() / w.sum().clamp(min=1e-6)
         loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)

@@ -145,3 +145,25 @@ def test_the_advisor_suggests_once_enough_rankings_have_features(tmp_path, tiny_
     assert suggestion["reward_model"]["version"] == 4 and suggestion["reward_model"]["folds"] == 4
     assert sorted(p.name for p in advisor.folder("default").iterdir()) == ["v3", "v4"]  # 2 kept
     assert advisor.suggest("default", [{**dicts[0], "features": ""}, dicts[1]]) is None
+
+
+def test_where_annotators_disagree_their_rankings_count_less(tmp_path, tiny_lm, case):
+    store = Store(tmp_path / "db.sqlite")
+    store.ensure_workspace("default")
+    shared = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=6, seed=1))
+    agreed = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=6, seed=2))
+    alone = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=6, seed=3))
+    store.record_ranking("default", shared, [0, 1, 2], "Dr A", case=case)
+    store.record_ranking("default", shared, [2, 1, 0], "Dr B", case=case)  # reversed: tau -1
+    store.record_ranking("default", agreed, [0, 2, 1], "Dr A", case=case)
+    store.record_ranking("default", agreed, [0, 1, 2], "Dr B", case=case)  # tau 1/3
+    store.record_ranking("default", agreed, [0, 2, 1], "Dr B", case=case)  # replaces Dr B's earlier one: tau 1
+    store.record_ranking("default", alone, [1, 0, 2], "Dr A", case=case)
+    data = rankings_from_store(store, "default")
+    assert data.weights.tolist() == [0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    model = fit(data, RewardConfig(steps=20))
+    flipped = data.subset(range(len(data)))
+    flipped.ranks[[0, 1, 3]] = 2 - flipped.ranks[[0, 1, 3]]  # what the zero-weight rankings say does not matter
+    np.testing.assert_array_equal(model.score(data.features[5]), fit(flipped, RewardConfig(steps=20)).score(data.features[5]))
+    flipped.ranks[5] = 2 - flipped.ranks[5]  # what a weighted one says does
+    assert not np.allclose(model.score(data.features[5]), fit(flipped, RewardConfig(steps=20)).score(data.features[5]))

@@ -649,3 +649,13 @@ def test_the_reward_model_suggests_an_order_and_waits_for_the_clinician(room):
     exported = json.loads(Path(data_tab.export_data(room, "rankings", False, False)["export_file"]).read_text().splitlines()[-1])
     assert exported["suggestion"]["changed_positions"] == 2
     assert [t["reward_score"] for t in exported["traces"][:3]] == [suggestion["scores"][t] for t in moved["batch"]["order"]]
+
+
+def test_groups_the_annotators_dispute_are_queued_for_adjudication():
+    rows = [{"case_id": "c1", "annotators": ["A", "B"], "n_traces": 3, "pairs": [{"a": "A", "b": "B", "tau": -1.0}],
+             "mean_tau": -1.0},
+            {"case_id": "c2", "annotators": ["A", "B"], "n_traces": 3, "pairs": [{"a": "A", "b": "B", "tau": 1.0}],
+             "mean_tau": 1.0}]
+    html = data_tab.agreement_html(rows)
+    assert "To adjudicate: 1 group(s)" in html and "cases c1)" in html and "c2" not in html.split("To adjudicate")[1]
+    assert "To adjudicate" not in data_tab.agreement_html(rows[1:])

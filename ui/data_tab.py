@@ -66,9 +66,16 @@ def agreement_html(rows: list[dict]) -> str:
         return status_html("No trace group has been ranked by two annotators yet. A second clinician can rank the "
                            "same traces with “Record ranking only” (Control room tab), or import another site's rankings.",
                            "info")
-    return status_html(f"{summary['groups']} trace group(s) ranked by two or more annotators · "
-                       f"{summary['annotator_pairs']} annotator pair(s) · mean Kendall's tau "
-                       f"{summary['mean_tau']:+.3f} (1 = same order, 0 = unrelated, -1 = reversed)", "ok")
+    text = (f"{summary['groups']} trace group(s) ranked by two or more annotators · "
+            f"{summary['annotator_pairs']} annotator pair(s) · mean Kendall's tau "
+            f"{summary['mean_tau']:+.3f} (1 = same order, 0 = unrelated, -1 = reversed)")
+    disputed = [r for r in rows if r["mean_tau"] < 0]
+    if not disputed:
+        return status_html(text, "ok")
+    cases = ", ".join(sorted({r["case_id"] for r in disputed})[:8])
+    return status_html(f"{text}. To adjudicate: {len(disputed)} group(s) where the annotators mostly disagree "
+                       f"(mean tau < 0; cases {cases}); the reward model gives their rankings a weight of "
+                       f"(1 + tau) / 2, so they count for little until someone decides.", "warn")
 
 
 def data_info_html(room) -> str:
