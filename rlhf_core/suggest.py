@@ -8,6 +8,7 @@ model that made it was.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -52,6 +53,19 @@ class RankingAdvisor:
         versions = sorted((p for p in folder.glob("v*") if p.name[1:].isdigit()), key=lambda p: int(p.name[1:]))
         for old in versions[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def versions(self, workspace: str) -> list[dict]:
+        """The saved versions of the workspace's reward model, newest first: each manifest's
+        ``info`` (version = rankings fitted on, cross-validated accuracy, fit seconds) and
+        its folder."""
+        found = []
+        for folder in self.folder(workspace).glob("v*"):
+            try:
+                manifest = json.loads((folder / "manifest.json").read_text())
+                found.append({**manifest["info"], "head": manifest["config"]["head"], "folder": str(folder)})
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(found, key=lambda v: v.get("version", 0), reverse=True)
 
     def suggest(self, workspace: str, traces: list[dict]) -> dict | None:
         """The reward model's order of ``traces`` (dicts with ``trace_id`` and ``features``),

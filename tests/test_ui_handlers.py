@@ -649,6 +649,16 @@ def test_the_reward_model_suggests_an_order_and_waits_for_the_clinician(room):
     exported = json.loads(Path(data_tab.export_data(room, "rankings", False, False)["export_file"]).read_text().splitlines()[-1])
     assert exported["suggestion"]["changed_positions"] == 2
     assert [t["reward_score"] for t in exported["traces"][:3]] == [suggestion["scores"][t] for t in moved["batch"]["order"]]
+    from rlhf_core.reward_model import RewardModel
+    from ui import reward_panel
+
+    view = reward_panel.reward_view(room)  # the Data tab: every version with its held-out accuracy
+    assert "Reward model v3 (linear head, fitted on 3 rankings)" in view["reward_summary"]
+    assert [row[0] for row in view["reward_table"]] == [3, 2]
+    download = reward_panel.export_reward_model(room)["export_file"]
+    with zipfile.ZipFile(download) as zf:
+        zf.extractall(room.export_dir / "rm")
+    assert RewardModel.load(room.export_dir / "rm").info["version"] == 3
 
 
 def test_groups_the_annotators_dispute_are_queued_for_adjudication():

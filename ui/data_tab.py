@@ -24,6 +24,7 @@ from rlhf_core.export import agreement_summary
 from .batch import cards_view, ranking_view, traces_title
 from .generate_tab import CARD_OUTPUTS, CHART_OUTPUTS
 from .metrics_panel import metrics_view
+from .reward_panel import bind_reward_panel, build_reward_panel
 from .views import esc, status_html
 from .wiring import engine_event, light_event
 
@@ -280,6 +281,7 @@ def build_data_tab(room, ui: dict) -> None:
         ui["agreement_table"] = gr.Dataframe(view.get("agreement_table", []), headers=AGREEMENT_COLUMNS,
                                              interactive=False, elem_id="agreement-table", wrap=True,
                                              column_widths=["14%", "26%", "8%", "40%", "12%"])
+    build_reward_panel(room, ui)
 
 
 def bind_data_tab(room, ui: dict) -> None:
@@ -302,3 +304,4 @@ def bind_data_tab(room, ui: dict) -> None:
                  ["export_file", "export_status", "header"], show_progress="minimal")
     light_event(ui["import_file"].upload, import_rankings, room, ui, ["import_file"],
                 ["import_status", *DATA_OUTPUTS], show_progress="minimal")
+    bind_reward_panel(room, ui)
