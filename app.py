@@ -35,6 +35,7 @@ from pathlib import Path
 import gradio as gr
 
 from rlhf_core.models import DEFAULT_MODEL
+from ui.autopilot_panel import bind_autopilot_panel, build_autopilot_panel
 from ui.access import ThrottledLogin, exposure_warning
 from ui.api import build_api
 from ui.case_panel import bind_case_panel, build_case_panel
@@ -89,6 +90,7 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=4, min_width=340):
                         build_rank_panel(room, ui)
+                        build_autopilot_panel(room, ui)
                     with gr.Column(scale=8, min_width=480):
                         build_charts(room, ui)
             with gr.Tab("Model", id="model", elem_id="tab-model") as ui["tab_model"]:
@@ -100,6 +102,7 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
         bind_case_panel(room, ui)
         bind_generate(room, ui)
         bind_rank(room, ui)
+        bind_autopilot_panel(room, ui)
         bind_metrics(room, ui)
         bind_model_tab(room, ui)
         bind_data_tab(room, ui)

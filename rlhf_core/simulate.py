@@ -84,60 +84,66 @@ def run_simulation(
     (source "autopilot", annotator "autopilot (reward model vN)").
     """
     cases = cases or library_or_builtin()
-    reward_model, source = None, "app"
-    if settings.autopilot:
-        reward_model = _clinicians_reward_model(engine)
-        annotator, source = f"autopilot (reward model v{reward_model.info['version']})", MODEL_RANKED
+    reward_model = clinicians_reward_model(engine) if settings.autopilot else None
     rng = random.Random(settings.seed)
     order = rng.sample(cases, len(cases))
     start = len(engine.history()) if engine.store is not None else 0
     results = []
     for n in range(start, start + settings.updates):
-        case = order[n % len(order)]
-        sampling = SamplingConfig(
-            k=settings.traces, max_new_tokens=settings.max_new_tokens, seed=settings.seed * 1000 + n,
-            conclusion=settings.conclusion,
-        )
-        rejection = RejectionConfig(k=settings.traces, budget=settings.budget, rationalise_budget=settings.traces,
-                                    negatives=settings.negatives)
-        started = time.perf_counter()
-        result = engine.sample_verified(case, sampling, rejection)
-        generation_seconds = time.perf_counter() - started
-        # Rank the accepted traces; rejected ones join the group below the line
-        # (verified-above-unverified is itself signal). With no accepted trace at
-        # all, the scripted clinician orders rejected ones (safer, shorter first).
-        group = list(result.accepted)
-        ranked = len(group) if group and result.negatives else None
-        group += result.negatives
-        if len(group) < 2:
-            chosen_ids = {t.trace_id for t in group}
-            group += [t for t in result.all_traces if t.trace_id not in chosen_ids][: settings.traces - len(group)]
-            ranked = None
-        ranking = model_ranking(group, reward_model) if reward_model else scripted_ranking(group)
-        config = make_config(settings.algorithm, steps=settings.steps, lr=settings.lr)
-        safety_scores = [t.safety["score"] for t in group if t.safety]
-        extra = dict(
-            update=n,
-            case_id=case.id,
-            acceptance_rate=result.report.acceptance_rate,
-            sampling=result.report.to_dict(),
-            ranked_accepted=len(result.accepted),
-            below_the_line=len(group) - ranked if ranked else 0,
-            ranked_rationalised=sum(t.rationalised for t in group),
-            safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,
-            generation_seconds=generation_seconds,
-        )
-        if reward_model:
-            extra.update(autopilot=True, reward_model_version=reward_model.info["version"])
-        metrics = engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra,
-                                ranked=ranked, source=source)
+        metrics = play_round(engine, order[n % len(order)], settings, n, reward_model, annotator)
         results.append(metrics)
         if on_update:
             on_update(metrics)
     return results
 
 
-def _clinicians_reward_model(engine: Engine):
+def play_round(engine: Engine, case: Case, settings: SimulationSettings, n: int, reward_model=None,
+               annotator: str = "simulated-clinician") -> dict:
+    """One generate-rank-update round on ``case`` (the ``n``-th: it seeds the sampling).
+    The scripted clinician ranks, or the ``reward_model`` (autopilot, labelled as such)."""
+    sampling = SamplingConfig(
+        k=settings.traces, max_new_tokens=settings.max_new_tokens, seed=settings.seed * 1000 + n,
+        conclusion=settings.conclusion,
+    )
+    rejection = RejectionConfig(k=settings.traces, budget=settings.budget, rationalise_budget=settings.traces,
+                                negatives=settings.negatives)
+    started = time.perf_counter()
+    result = engine.sample_verified(case, sampling, rejection)
+    generation_seconds = time.perf_counter() - started
+    # Rank the accepted traces; rejected ones join the group below the line
+    # (verified-above-unverified is itself signal). With no accepted trace at
+    # all, the scripted clinician orders rejected ones (safer, shorter first).
+    group = list(result.accepted)
+    ranked = len(group) if group and result.negatives else None
+    group += result.negatives
+    if len(group) < 2:
+        chosen_ids = {t.trace_id for t in group}
+        group += [t for t in result.all_traces if t.trace_id not in chosen_ids][: settings.traces - len(group)]
+        ranked = None
+    ranking = model_ranking(group, reward_model) if reward_model else scripted_ranking(group)
+    config = make_config(settings.algorithm, steps=settings.steps, lr=settings.lr)
+    safety_scores = [t.safety["score"] for t in group if t.safety]
+    extra = dict(
+        update=n,
+        case_id=case.id,
+        acceptance_rate=result.report.acceptance_rate,
+        sampling=result.report.to_dict(),
+        ranked_accepted=len(result.accepted),
+        below_the_line=len(group) - ranked if ranked else 0,
+        ranked_rationalised=sum(t.rationalised for t in group),
+        safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,
+        generation_seconds=generation_seconds,
+    )
+    source = "app"
+    if reward_model:
+        annotator, source = f"autopilot (reward model v{reward_model.info['version']})", MODEL_RANKED
+        extra.update(autopilot=True, reward_model_version=reward_model.info["version"])
+    return engine.update(group, ranking, config, annotator=annotator, case=case, extra_metrics=extra,
+                         ranked=ranked, source=source)
+
+
+def clinicians_reward_model(engine: Engine):
+    """The workspace's reward model, fitted on its clinicians' rankings (ValueError when too few)."""
     from .suggest import RankingAdvisor
 
     if engine.store is None:

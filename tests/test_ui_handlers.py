@@ -669,3 +669,25 @@ def test_groups_the_annotators_dispute_are_queued_for_adjudication():
     html = data_tab.agreement_html(rows)
     assert "To adjudicate: 1 group(s)" in html and "cases c1)" in html and "c2" not in html.split("To adjudicate")[1]
     assert "To adjudicate" not in data_tab.agreement_html(rows[1:])
+
+
+def test_autopilot_trains_on_unranked_cases_labelled_and_stoppable(room):
+    from rlhf_core.reward_model import RewardConfig
+    from ui import autopilot_panel
+
+    refused = list(autopilot_panel.run_autopilot(room, 2, "GRPO"))
+    assert "needs at least 5 clinician rankings" in refused[-1]["_warning"] and room.version == 0
+    room.advisor.config = RewardConfig(min_rankings=2, steps=20)
+    for annotator in ("Dr A", "Dr B"):
+        _, session = generate(room, k=3)
+        rank_tab.record_only(room, session, annotator, False)
+    outs = list(autopilot_panel.run_autopilot(room, 2, "GRPO"))
+    assert "Autopilot done" in outs[-1]["autopilot_progress"] and room.version == 2
+    auto = room.store.rankings("default")[-2:]
+    assert {r["source"] for r in auto} == {"autopilot"} and {r["case_id"] for r in auto} == {sc.OTHER.id}
+    assert {r["annotator"] for r in auto} == {"autopilot (reward model v2)"}
+    assert sum("autopilot (reward model v2)" in map(str, row) for row in outs[-1]["table"]) == 2
+    events = room.autopilot(5, "grpo")
+    assert next(events)["done"] == 1  # one round done...
+    events.close()  # ...then Stop: the current round ends, no other starts
+    assert room.version in (3, 4) and room.store.count("rankings", "default") in (5, 6)

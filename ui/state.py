@@ -34,6 +34,8 @@ from rlhf_core.generation import SamplingConfig
 from rlhf_core.library import CaseLibrary
 from rlhf_core.models import DEFAULT_MODEL, REGISTRY, availability
 from rlhf_core.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
+from rlhf_core.simulate import SimulationSettings, play_round
+from rlhf_core.reward_data import MODEL_RANKED
 from rlhf_core.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.suggest import RankingAdvisor
 from rlhf_core.update import DPOConfig, GRPOConfig, default_lr
@@ -515,6 +517,43 @@ class ControlRoom:
         counts = self.engine.import_file(path, annotator=annotator or None)
         self._changed(persisted=True)
         return counts
+
+    # ------------------------------------------------------------- autopilot
+    def autopilot(self, updates: int, algorithm: str = "grpo") -> Iterator[Event]:
+        """Train on training-split cases no clinician ranked in this workspace, the reward model
+        ranking (verified traces first; ``simulate.play_round``, labelled "autopilot"). Holds
+        the lock one round at a time, so other sessions' work interleaves; stops after the
+        current round when the iterator is closed (Stop, or the browser going). Yields an
+        "update" event per round, then a final "done"."""
+        updates = int(updates)
+        if not 1 <= updates <= 200:
+            raise ValueError("autopilot runs 1 to 200 updates")
+        settings = SimulationSettings(algorithm=algorithm, updates=updates, conclusion=self.conclusion_mode())
+        with self.lock:
+            reward_model, key = self.advisor.model(self.workspace), self.model_key()
+        if reward_model is None:
+            raise ValueError(f"the autopilot needs at least {self.advisor.config.min_rankings} clinician rankings "
+                             f"with features in workspace {self.workspace!r} to fit its reward model")
+        ranked = {r["case_id"] for r in self.store.rankings(self.workspace) if r["source"] != MODEL_RANKED}
+        todo = [c for c in split_cases(list(self.cases.values()))[0] if c.id not in ranked]
+        if not todo:
+            raise ValueError("clinicians have ranked every training case in this workspace: nothing for the autopilot")
+
+        def work(emit, cancelled):
+            start = self.store.count("rankings", self.workspace)
+            for i in range(updates):
+                if cancelled():
+                    return
+                with self.lock:
+                    if self.model_key() != key:
+                        raise RankingError("the model or workspace was switched: the autopilot stopped")
+                    metrics = play_round(self.engine, todo[i % len(todo)], settings, start + i, reward_model)
+                self._changed(persisted=True)
+                emit(Event(kind="update", done=i + 1, total=updates, metrics=metrics,
+                           reward_model=reward_model.info["version"]))
+            emit(FinalEvent(kind="done", done=updates, total=updates))
+
+        yield from stream_from_thread(work)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, samples: int = 4, max_new_tokens: int = 128, heldout_fraction: float = 0.2,
