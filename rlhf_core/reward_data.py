@@ -102,8 +102,13 @@ def split(data: RankingSet, by: str = "ranking", heldout_fraction: float = 0.2, 
     if by not in ("ranking", "case"):
         raise ValueError(f"split by 'ranking' or 'case', got {by!r}")
     keys = [str(i) for i in data.ranking_ids] if by == "ranking" else data.case_ids
-    held = [i for i, key in enumerate(keys) if _unit_hash(key, seed) < heldout_fraction]
-    return [i for i in range(len(data)) if i not in set(held)], held
+    # salted: the same hash as evaluate.split_cases would hold out none of its training cases
+    scores = {key: _unit_hash(f"reward-split:{key}", seed) for key in keys}
+    chosen = {key for key, h in scores.items() if h < heldout_fraction}
+    if not chosen and heldout_fraction > 0 and len(scores) >= 2:  # a small set still gets a held-out side
+        chosen = {min(scores, key=scores.get)}
+    held = [i for i, key in enumerate(keys) if key in chosen]
+    return [i for i, key in enumerate(keys) if key not in chosen], held
 
 
 def folds(n: int, k: int = 5) -> list[tuple[list[int], list[int]]]:
