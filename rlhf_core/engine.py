@@ -47,7 +47,7 @@ from .cases import Case
 from .belief import ProbeSet
 from .checkpoint import CheckpointError, load_into, read_manifest, save_checkpoint, verify_recorded
 from .conclusion import CONCLUSION_MODES
-from .generation import SamplingConfig, Trace, sample_stream
+from .generation import SamplingConfig, Trace, reference_pass, sample_stream
 from .models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
 from .update import DPOConfig, GRPOConfig, PolicyTrainer, make_config
@@ -213,6 +213,7 @@ class Engine:
         the same traces, for the agreement view). Returns the ranking id."""
         store = self._require_store()
         with self.lock:
+            self._fill_features(traces)
             return store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
                 policy_version=self.version, ranked=ranked, suggestion=suggestion,
@@ -254,6 +255,7 @@ class Engine:
                 self._pristine = self._pristine and metrics["skipped"]
                 return metrics
             if ranking_id is None:
+                self._fill_features(traces)
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,
                     case=case, policy_version=self.version, update_config=_config_dict(config), ranked=ranked,
@@ -266,6 +268,20 @@ class Engine:
                 ranked = found["ranked"]
             return self._apply(ranking_id, traces, ranking, config, on_step, extra_metrics or {}, ranked=ranked,
                                case=case, live=True)
+
+    def _fill_features(self, traces: list[Trace]) -> None:
+        """Give ranked traces that lack them their reward-model features (one reference pass per
+        prompt): sampling skips the pass while the policy is the reference and no reward model
+        needs them yet, so what a clinician ranks is still learnable later."""
+        missing: dict[tuple, list[Trace]] = {}
+        for t in traces:
+            if not t.features and t.completion_ids and t.prompt_ids:
+                missing.setdefault(tuple(t.prompt_ids), []).append(t)
+        for prompt, group in missing.items():
+            _, features = reference_pass(self.lm, list(prompt), [t.completion_ids for t in group], features=True,
+                                         reference_is_policy=self._pristine)
+            for t, f in zip(group, features):
+                t.features = f
 
     def _probe_metrics(self, traces: list[Trace], case: Case | None) -> dict:
         """The probe set scored now (and the ranked case taught to it); {} without one."""

@@ -8,6 +8,7 @@ update never has to run the reference model again.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -134,14 +135,22 @@ def _rows(values: torch.Tensor, completions: list[list[int]]) -> list[list[float
 
 
 def reference_pass(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]],
-                   features: bool = False) -> tuple[list[list[float]], list[str]]:
+                   features: bool = False, reference_is_policy: bool = False) -> tuple[list[list[float]], list[str]]:
     """(per-token reference log-probs, reward-model features) of each completion, from one
-    teacher-forced pass of the reference; the features are ``[]`` unless asked for."""
+    teacher-forced pass of the reference; the features are ``[]`` unless asked for.
+    ``reference_is_policy`` (the weights are still the reference's): the pass runs on the
+    policy itself, so a parked reference copy is not read back for it."""
     batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
-    with lm.reference() as ref_model, torch.no_grad():
-        if not features:
-            return _rows(completion_logps(ref_model, batch), completions), []
-        logps, hidden = completion_logps(ref_model, batch, return_hidden=True)
+    reference = contextlib.nullcontext(lm.model) if reference_is_policy else lm.reference()
+    with reference as ref_model, torch.no_grad():
+        was_training = ref_model.training
+        ref_model.train(False)
+        try:
+            if not features:
+                return _rows(completion_logps(ref_model, batch), completions), []
+            logps, hidden = completion_logps(ref_model, batch, return_hidden=True)
+        finally:
+            ref_model.train(was_training)
     pooled = pool_hidden(hidden, [len(c) for c in completions])
     return _rows(logps, completions), [encode_features(row) for row in pooled]
 
@@ -162,7 +171,7 @@ def score_completions(
         old = _rows(completion_logps(lm.model, batch), completions)
     if reference_is_policy and not features:
         return old, [list(x) for x in old], []
-    ref, feats = reference_pass(lm, prompt_ids, completions, features)
+    ref, feats = reference_pass(lm, prompt_ids, completions, features, reference_is_policy)
     return old, [list(x) for x in old] if reference_is_policy else ref, feats
 
 
@@ -325,7 +334,7 @@ def sample_stream(
             if reference_is_policy:  # the reference's log-probs are the sampled ones; a pass only for features
                 ref_logps = [list(x) for x in sampled_logps]
                 if config.reward_features:
-                    features = reference_pass(lm, train_prompt, rows, features=True)[1]
+                    features = reference_pass(lm, train_prompt, rows, features=True, reference_is_policy=True)[1]
             else:
                 ref_logps, features = reference_pass(lm, train_prompt, rows, config.reward_features)
             old_logps = sampled_logps

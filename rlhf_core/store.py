@@ -545,6 +545,9 @@ class Store:
                 _dumps(t.conclusion), t.features or None,
             ),
         )
+        if not cur.rowcount and t.features:  # stored at sampling without features, computed since (ranked)
+            conn.execute("UPDATE traces SET features = ? WHERE workspace = ? AND trace_id = ? AND features IS NULL",
+                         (t.features, workspace, t.trace_id))
         return cur.rowcount
 
     @staticmethod

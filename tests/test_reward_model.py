@@ -168,3 +168,18 @@ def test_where_annotators_disagree_their_rankings_count_less(tmp_path, tiny_lm, 
     np.testing.assert_array_equal(model.score(data.features[5]), fit(flipped, RewardConfig(steps=20)).score(data.features[5]))
     flipped.ranks[5] = 2 - flipped.ranks[5]  # what a weighted one says does
     assert not np.allclose(model.score(data.features[5]), fit(flipped, RewardConfig(steps=20)).score(data.features[5]))
+
+
+def test_ranked_traces_sampled_without_features_get_them_when_the_ranking_is_stored(tmp_path, case):
+    from rlhf_core.engine import Engine
+
+    engine = Engine("tiny-random", device="cpu", store=tmp_path / "db.sqlite")
+    bare = sample_traces(engine.lm, case, SamplingConfig(k=3, max_new_tokens=6, seed=2, reward_features=False),
+                         reference_is_policy=True)
+    full = sample_traces(engine.lm, case, SamplingConfig(k=3, max_new_tokens=6, seed=2), reference_is_policy=True)
+    engine.store.record_traces("default", bare, case)
+    assert engine.store.trace_features("default", [t.trace_id for t in bare]) == {}
+    engine.record_ranking(bare, [2, 0, 1], "Dr A", case=case)
+    stored = engine.store.trace_features("default", [t.trace_id for t in bare])
+    for b, f in zip(bare, full):  # the same numbers sampling would have stored
+        np.testing.assert_allclose(feats.decode(stored[b.trace_id]), feats.decode(f.features), rtol=1e-2, atol=1e-2)

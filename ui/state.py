@@ -17,6 +17,7 @@ annotator); see ``new_session``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -277,7 +278,12 @@ class ControlRoom:
     # ------------------------------------------------------------ generation
     def sample(self, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> Iterator[SamplerEvent]:
         """Rejection-sample verified traces, streaming ``SamplerEvent``s (the last is "done"
-        and carries a ``generation_id``). Every trace drawn is stored."""
+        and carries a ``generation_id``). Every trace drawn is stored. While the policy is
+        still the reference and no reward model can suggest an order yet, the traces are
+        sampled without reward-model features (an extra pass, ~35% of a batch's time on
+        SmolLM2); the ranked ones get theirs when the ranking is stored (``Engine``)."""
+        if sampling.reward_features and self.engine.is_reference and self.advisor.model(self.workspace) is None:
+            sampling = dataclasses.replace(sampling, reward_features=False)
 
         def work(emit, cancelled):
             with self.lock:
