@@ -52,10 +52,11 @@ def _chain(first, rest):
 
 def build_autopilot_panel(room, ui: dict) -> None:
     with gr.Accordion("Autopilot: the reward model ranks", open=False, elem_id="autopilot"):
-        gr.HTML('<div class="cr-muted">Trains on training cases nobody has ranked in this workspace: the verifier puts '
-                'verified traces first and the reward model (fitted on your rankings, see the Data tab) orders the '
-                'rest. Every ranking it makes is labelled "autopilot"; the probe chart shows what it does. It needs '
-                '5 clinician rankings first; Stop ends it after the current update.</div>')
+        gr.HTML('<div class="cr-muted">Trains on training cases no clinician has ranked in this workspace: the verifier '
+                'puts verified traces first and the reward model (fitted on your rankings, see the Data tab) orders '
+                'the rest. Every ranking it makes is labelled "autopilot"; the probe chart shows what it does. It '
+                f'needs {room.advisor.config.min_rankings} clinician rankings first; Stop ends it after the current '
+                'update.</div>')
         with gr.Row():
             ui["autopilot_updates"] = gr.Slider(1, 30, value=5, step=1, label="Updates", elem_id="autopilot-updates")
             ui["autopilot_algorithm"] = gr.Radio(["GRPO", "DPO"], value="GRPO", label="Algorithm",

@@ -47,12 +47,13 @@ def _ok(value) -> bool:
 
 
 def _points(rows: list[dict], kind: str, key: str, run: int, algorithm: str | None = None):
-    xs, ys = [], []
-    for r in rows:
-        if r["kind"] == kind and r["run"] == run and _ok(r.get(key)) and (algorithm is None or r.get("algorithm") == algorithm):
-            xs.append(r["x"] if "x" in r else r["version"])
-            ys.append(r[key])
-    return xs, ys
+    """(xs, ys) of one series in version order (records arrive stored first, then live ones,
+    so a line drawn in arrival order could run backwards)."""
+    points = [(r["x"] if "x" in r else r["version"], r[key]) for r in rows
+              if r["kind"] == kind and r["run"] == run and _ok(r.get(key))
+              and (algorithm is None or r.get("algorithm") == algorithm)]
+    points.sort(key=lambda p: p[0])
+    return [x for x, _ in points], [y for _, y in points]
 
 
 def _series(fig: go.Figure, rows: list[dict], key: str, name: str, color: str, current: int,
