@@ -560,7 +560,10 @@ def test_eval_handler_returns_a_table_on_tiny_random(room):
     outs = list(eval_tab.run_eval(room, 2, 8))
     final = outs[-1]
     assert any("Sampling" in o.get("eval_progress", "") for o in outs[:-1])
-    assert [r[0] for r in final["eval_table"]] == ["reference", "policy", "policy − reference"]
+    assert [r[0] for r in final["eval_table"]] == ["reference", "policy", "policy − reference",
+                                                   "P(correct diagnosis), paired"]
+    assert final["eval_table"][3][1] == "higher in 0/1 cases"  # same weights: the same beliefs
+    assert "what the model believes (teacher-forced, paired" in final["eval_summary"]
     assert final["eval_table"][0][1] == "0/2" and "Wilson" in final["eval_table"][0][3]  # random bytes never verify
     assert "Fisher" in final["eval_table"][2][-1] and "Fisher exact p" in final["eval_text"]
     assert "1 held-out case(s) of 2" in final["eval_summary"] and len(room.last_eval["cases"]) == 1
