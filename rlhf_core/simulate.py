@@ -142,13 +142,14 @@ def play_round(engine: Engine, case: Case, settings: SimulationSettings, n: int,
                          ranked=ranked, source=source)
 
 
-def clinicians_reward_model(engine: Engine):
-    """The workspace's reward model, fitted on its clinicians' rankings (ValueError when too few)."""
+def clinicians_reward_model(engine: Engine, advisor=None):
+    """The workspace's reward model, fitted on its clinicians' rankings (``advisor``: a
+    ``RankingAdvisor`` of the engine's store, default a new one); ValueError when too few."""
     from .suggest import RankingAdvisor
 
     if engine.store is None:
         raise ValueError("autopilot needs a database: its reward model is fitted on the workspace's rankings")
-    advisor = RankingAdvisor(engine.store)
+    advisor = advisor or RankingAdvisor(engine.store)
     model = advisor.model(engine.workspace)
     if model is None:
         raise ValueError(f"autopilot needs at least {advisor.config.min_rankings} clinician rankings with features "

@@ -35,7 +35,7 @@ from rlhf_core.generation import SamplingConfig
 from rlhf_core.library import CaseLibrary
 from rlhf_core.models import DEFAULT_MODEL, REGISTRY, availability
 from rlhf_core.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
-from rlhf_core.simulate import SimulationSettings, play_round
+from rlhf_core.simulate import SimulationSettings, clinicians_reward_model, play_round
 from rlhf_core.reward_data import MODEL_RANKED
 from rlhf_core.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.suggest import RankingAdvisor
@@ -536,10 +536,7 @@ class ControlRoom:
             raise ValueError("autopilot runs 1 to 200 updates")
         settings = SimulationSettings(algorithm=algorithm, updates=updates, conclusion=self.conclusion_mode())
         with self.lock:
-            reward_model, key = self.advisor.model(self.workspace), self.model_key()
-        if reward_model is None:
-            raise ValueError(f"the autopilot needs at least {self.advisor.config.min_rankings} clinician rankings "
-                             f"with features in workspace {self.workspace!r} to fit its reward model")
+            reward_model, key = clinicians_reward_model(self.engine, self.advisor), self.model_key()
         ranked = {r["case_id"] for r in self.store.rankings(self.workspace) if r["source"] != MODEL_RANKED}
         todo = [c for c in split_cases(list(self.cases.values()))[0] if c.id not in ranked]
         if not todo:
