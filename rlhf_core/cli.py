@@ -58,7 +58,7 @@ def _simulate(args: argparse.Namespace) -> int:
         autopilot=args.autopilot,
     )
     resumed = False
-    if engine.store is not None:
+    if not engine.store.is_temporary:
         info = engine.resume_info
         resumed = info["updates"] > 0
         print(

@@ -87,7 +87,7 @@ def run_simulation(
     reward_model = clinicians_reward_model(engine) if settings.autopilot else None
     rng = random.Random(settings.seed)
     order = rng.sample(cases, len(cases))
-    start = len(engine.history()) if engine.store is not None else 0
+    start = len(engine.workspaces.history())
     results = []
     for n in range(start, start + settings.updates):
         metrics = play_round(engine, order[n % len(order)], settings, n, reward_model, annotator)
@@ -147,8 +147,6 @@ def clinicians_reward_model(engine: Engine, advisor=None):
     ``RankingAdvisor`` of the engine's store, default a new one); ValueError when too few."""
     from .suggest import RankingAdvisor
 
-    if engine.store is None:
-        raise ValueError("autopilot needs a database: its reward model is fitted on the workspace's rankings")
     advisor = advisor or RankingAdvisor(engine.store)
     model = advisor.model(engine.workspace)
     if model is None:

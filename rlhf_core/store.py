@@ -57,6 +57,7 @@ import json
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -243,6 +244,7 @@ class Store:
     def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False, timeout: float = 30.0):
         self.path = Path(path) if path is not None else default_db_path()
         self.readonly = readonly
+        self._scratch: tempfile.TemporaryDirectory | None = None  # set by ``temporary``
         self._lock = threading.RLock()
         self._batch_depth = 0  # > 0 while this thread holds a ``batch`` transaction open
         if readonly:
@@ -268,11 +270,27 @@ class Store:
             if version != SCHEMA_VERSION:
                 raise ValueError(f"{self.path} has schema version {version}; this code reads {SCHEMA_VERSION}")
 
+    @classmethod
+    def temporary(cls) -> "Store":
+        """A database in a new temporary folder, deleted (checkpoints included) on ``close``
+        or at exit: the one persistence path for a session that keeps nothing."""
+        scratch = tempfile.TemporaryDirectory(prefix="rlhf-session-")
+        store = cls(Path(scratch.name) / "rlhf.sqlite")
+        store._scratch = scratch
+        return store
+
+    @property
+    def is_temporary(self) -> bool:
+        """True for a ``temporary`` database: nothing in it outlives the process."""
+        return self._scratch is not None
+
     # -- plumbing -------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def __enter__(self) -> "Store":
         return self

@@ -119,7 +119,7 @@ def test_run_simulation_records_everything_and_continues(tmp_path, case):
     assert store.count("rankings", "sim") == 2 and store.count("traces", "sim") >= 4
     assert all(r["status"] == "applied" and r["annotator"] == "simulated-clinician" for r in store.rankings("sim"))
     assert store.latest_checkpoint("sim")["version"] == 2
-    hist = engine.history()
+    hist = engine.workspaces.history()
     assert [h["acceptance_rate"] for h in hist] == [m["acceptance_rate"] for m in first]
     assert {c.id for c in store.cases()} == {m["case_id"] for m in first}
 
@@ -127,7 +127,7 @@ def test_run_simulation_records_everything_and_continues(tmp_path, case):
     assert again.version == 2
     more = run_simulation(again, settings, cases)
     assert [m["update"] for m in more] == [2, 3] and more[-1]["version"] == 4
-    assert len(again.history()) == 4
+    assert len(again.workspaces.history()) == 4
 
 
 def test_simulate_teaches_the_training_split_and_opens_a_workspace_per_model(tmp_path, capsys):

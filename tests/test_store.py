@@ -1,16 +1,12 @@
-"""The SQLite store, and the engine's use of it: workspaces, resume, replay."""
+"""The SQLite store: schema and migrations, workspaces, traces, rankings, updates, checkpoints
+(the engine's use of it: ``test_workspaces.py``)."""
 import threading
-from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_core import store as store_mod
-from rlhf_core.engine import Engine
-from rlhf_core.generation import SamplingConfig, Trace, sample_traces
-from rlhf_core.logprobs import collate, completion_logps
+from rlhf_core.generation import Trace
 from rlhf_core.store import Store, group_key
-from rlhf_core.update import DPOConfig
 
 
 def _trace(case_id="c1", text="x", tid=None, **kw) -> Trace:
@@ -167,140 +163,6 @@ def test_concurrent_writers_lose_nothing(db):
     other.close()
 
 
-# ---------------------------------------------------------------------------- the engine with a store
-
-
-def _samples(engine, case, k=3, seed=0):
-    traces = sample_traces(engine.lm, case, SamplingConfig(k=k, max_new_tokens=5, seed=seed, temperature=1.5), engine.version)
-    return traces
-
-
-def _logps(engine, traces):
-    b = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], engine.lm.tokenizer.pad_token_id, "cpu")
-    with torch.no_grad():
-        return completion_logps(engine.lm.model, b)
-
-
-CONFIG = DPOConfig(steps=2, lr=1e-3)
-
-
-def test_engine_records_and_resumes_exactly(tmp_path, case):
-    path = tmp_path / "rlhf.sqlite"
-    eng = Engine("tiny-random", device="cpu", store=path, checkpoint_every=3)
-    traces = _samples(eng, case)
-    m1 = eng.update(traces, [2, 0, 1], CONFIG, annotator="dr-a", case=case, extra_metrics={"acceptance_rate": 0.25})
-    traces2 = _samples(eng, case, seed=1)
-    eng.update(traces2, [0, 1, 2], CONFIG, annotator="dr-a", case=case)
-    assert eng.version == 2 and m1["ranking_id"] and m1["update_id"]
-    assert eng.store.latest_checkpoint("default") is None  # every 3 updates only
-    # a third ranking committed, then "crash" before its update
-    traces3 = _samples(eng, case, seed=2)
-    pending = eng.store.record_ranking(
-        "default", traces3, [1, 2, 0], "dr-b", case=case, update_config={"algorithm": "dpo", "steps": 2, "lr": 1e-3}
-    )
-    eng.update(traces3, [1, 2, 0], CONFIG, ranking_id=pending)  # what the crashed run would have done
-    expected = _logps(eng, traces)
-    hist = eng.history()
-    assert [h["version"] for h in hist] == [1, 2, 3] and hist[0]["acceptance_rate"] == 0.25
-    assert eng.store.latest_checkpoint("default")["version"] == 3
-
-    # restart with no checkpoint of the first update's state: replay from the reference
-    eng.store._conn.execute("UPDATE checkpoints SET deleted = 1")
-    eng.store._conn.execute("UPDATE rankings SET status = 'pending' WHERE id = ?", (pending,))
-    eng.store._conn.execute("DELETE FROM updates WHERE ranking_id = ?", (pending,))
-    again = Engine("tiny-random", device="cpu", store=path, checkpoint_every=3)
-    assert again.resume_info["replayed"] == 3 and again.version == 3
-    assert torch.allclose(_logps(again, traces), expected, atol=1e-5)
-    hist = again.history()
-    assert [h["version"] for h in hist] == [1, 2, 3] and all(h["replayed"] for h in hist)
-    assert hist[0]["acceptance_rate"] == 0.25  # the charts keep the first run's numbers
-    assert again.store.ranking(pending)["status"] == "applied"
-    # and a plain restart from the checkpoint replays nothing
-    third = Engine("tiny-random", device="cpu", store=path)
-    assert third.resume_info["replayed"] == 0 and third.version == 3
-    assert third.store.integrity_check() == "ok"
-
-
-def test_workspaces_switch_and_keep_their_own_policy(tmp_path, case):
-    for lora in (False, True):
-        path = tmp_path / f"ws-{lora}.sqlite"
-        eng = Engine("tiny-random", device="cpu", lora=lora, store=path)
-        traces = _samples(eng, case)
-        reference = _logps(eng, traces)
-        eng.update(traces, [0, 1, 2], DPOConfig(steps=2, lr=1e-2), annotator="a")
-        trained = _logps(eng, traces)
-        assert not torch.allclose(trained, reference, atol=1e-4)
-
-        info = eng.create_workspace("fresh")
-        assert info["version"] == 0 and eng.workspace == "fresh" and eng.version == 0
-        assert torch.allclose(_logps(eng, traces), reference, atol=1e-5)  # starts from the reference
-        eng.update(traces, [2, 1, 0], DPOConfig(steps=1, lr=1e-2), annotator="b")
-        assert eng.version == 1
-
-        eng.switch_workspace("default")
-        assert eng.version == 1 and torch.allclose(_logps(eng, traces), trained, atol=1e-5)
-        rows = {w["name"]: w for w in eng.workspaces()}
-        assert rows["default"]["active"] and rows["fresh"]["rankings"] == 1 and rows["default"]["rankings"] == 1
-        assert eng.history("fresh")[0]["version"] == 1 and len(eng.history()) == 1
-        with pytest.raises(ValueError, match="no workspace"):
-            eng.switch_workspace("nope")
-        with pytest.raises(ValueError, match="already exists"):
-            eng.create_workspace("fresh")
-
-
-def test_engine_checks_model_of_workspace_and_records_load_reset(tmp_path, case):
-    path = tmp_path / "rlhf.sqlite"
-    eng = Engine("tiny-random", device="cpu", store=path, keep_checkpoints=1)
-    traces = _samples(eng, case)
-    eng.update(traces, [0, 1, 2], CONFIG, annotator="a")
-    eng.update(traces, [0, 2, 1], CONFIG, annotator="a")
-    kept = [c for c in eng.store.checkpoints("default", include_deleted=True)]
-    assert [c["deleted"] for c in kept] == [True, False]  # only the newest automatic one stays
-    assert not (tmp_path / "checkpoints" / "default" / "v1").exists()
-    with pytest.raises(ValueError, match="full fine-tuning"):
-        Engine("tiny-random", device="cpu", lora=True, store=path)
-
-    saved = eng.save(tmp_path / "elsewhere")
-    eng.update(traces, [1, 0, 2], CONFIG, annotator="a")
-    assert eng.version == 3
-    eng.load(saved)  # back to version 2; a restart must come back here too
-    assert Engine("tiny-random", device="cpu", store=path).version == 2
-    assert eng.checkpoint().is_dir()
-    eng.reset()
-    restarted = Engine("tiny-random", device="cpu", store=path)
-    assert restarted.version == 0 and restarted.resume_info["replayed"] == 0
-    assert len(restarted.history()) == 3  # the history is kept
-
-
-def test_engine_without_store_is_unchanged(case):
-    eng = Engine("tiny-random", device="cpu")
-    assert eng.store is None and "workspace" not in eng.describe()
-    traces = _samples(eng, case)
-    m = eng.update(traces, [0, 1, 2], CONFIG)
-    assert m["version"] == 1 and "ranking_id" not in m
-    with pytest.raises(ValueError, match="no database"):
-        eng.workspaces()
-
-
-def test_damaged_checkpoint_falls_back_and_replays(tmp_path, case):
-    path = tmp_path / "rlhf.sqlite"
-    eng = Engine("tiny-random", device="cpu", store=path, keep_checkpoints=None)
-    traces = _samples(eng, case)
-    eng.update(traces, [0, 1, 2], CONFIG, annotator="a", case=case)
-    eng.update(traces, [2, 1, 0], CONFIG, annotator="a")  # the case is known from the first
-    expected = _logps(eng, traces)
-    latest = Path(eng.store.latest_checkpoint("default")["path"])
-    (latest / "model.safetensors").write_bytes(b"cut short")  # e.g. a power loss mid-write
-    again = Engine("tiny-random", device="cpu", store=path)
-    assert again.resume_info["checkpoint"].endswith("v1") and again.resume_info["replayed"] == 1
-    assert again.version == 2 and torch.allclose(_logps(again, traces), expected, atol=1e-5)
-    # downloads
-    archive = again.checkpoint_archive(tmp_path / "policy.zip")
-    assert archive.is_file()
-    export = again.export_file("trl")
-    assert export.read_text().count("\n") == 2 * 3
-
-
 def test_workspace_for_model(db):
     assert db.workspace_for_model("tiny-random", "full") == "default"  # unused: it will do
     db.set_workspace_model("default", "tiny-random", "full")
@@ -309,34 +171,3 @@ def test_workspace_for_model(db):
     name = db.workspace_for_model("org/Some Model", "lora")
     assert name == "org-Some-Model-lora" and db.workspace(name)["mode"] == "lora"
     assert db.workspace_for_model("org/Some Model", "lora") == name  # found again
-
-
-def _weights(engine):
-    return {n: p.detach().clone() for n, p in engine.lm.model.named_parameters()}
-
-
-def test_a_named_checkpoint_is_never_swapped_between_workspaces(tmp_path, case):
-    from rlhf_core.checkpoint import save_checkpoint
-
-    eng = Engine("tiny-random", device="cpu", store=tmp_path / "rlhf.sqlite", checkpoint_every=100)
-    eng.update(_samples(eng, case), [0, 1, 2], CONFIG, annotator="a")
-    best = tmp_path / "named" / "best"
-    eng.save(best)  # "best" in workspace default, at v1
-    at_v1 = _weights(eng)
-    eng.create_workspace("ws2")
-    for seed in (1, 2):
-        eng.update(_samples(eng, case, seed=seed), [2, 1, 0], CONFIG, annotator="b")
-    assert eng.version == 2
-    with pytest.raises(ValueError, match="holds workspace default's policy"):
-        eng.save(best)
-    eng.switch_workspace("default")
-    assert eng.version == 1 and all(torch.equal(at_v1[n], p) for n, p in eng.lm.model.named_parameters())
-
-    # the folder overwritten behind the record's back (another tool, a copy): detected, not loaded;
-    # the workspace is rebuilt from its own rankings instead
-    eng.switch_workspace("ws2")
-    save_checkpoint(eng.trainer, best)
-    info = eng.switch_workspace("default")
-    assert any("overwritten" in p for p in info["skipped_checkpoints"]), info
-    assert eng.version == 1 and info["replayed"] == 1
-    assert all(torch.allclose(at_v1[n], p, atol=1e-6) for n, p in eng.lm.model.named_parameters())

@@ -600,13 +600,13 @@ def test_a_restart_serves_at_once_and_replays_in_the_background(tmp_path, monkey
     from rlhf_core.engine import Engine
 
     gate = threading.Event()
-    real = Engine._apply
+    real = Engine.apply_ranking
 
     def slow_apply(self, *args, **kwargs):  # a long replay: each ranking waits for the test
         gate.wait(30)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "_apply", slow_apply)
+    monkeypatch.setattr(Engine, "apply_ranking", slow_apply)
     restarted = make_room(tmp_path, background_replay=True)  # returns before any ranking is replayed
     assert restarted.restoring is not None and restarted.version == 0
     header = metrics_panel.metrics_view(restarted)["header"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -30,8 +29,10 @@ from typing import Iterator
 from rlhf_core.belief import ProbeSet, belief
 from rlhf_core.cases import Case
 from rlhf_core.engine import Engine
+from rlhf_core.export import agreement, checkpoint_archive, export_file
 from rlhf_core.evaluate import split_cases
 from rlhf_core.generation import SamplingConfig
+from rlhf_core.importer import import_file
 from rlhf_core.library import CaseLibrary
 from rlhf_core.models import DEFAULT_MODEL, REGISTRY, availability
 from rlhf_core.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
@@ -95,8 +96,7 @@ class ControlRoom:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.export_dir = Path(export_dir) if export_dir is not None else default_export_dir()
         self.persistent = db_path is not None
-        self._scratch = None if self.persistent else tempfile.TemporaryDirectory(prefix="rlhf-control-room-")
-        self.store = Store(db_path if self.persistent else Path(self._scratch.name) / "rlhf.sqlite")
+        self.store = Store(db_path) if self.persistent else Store.temporary()
         self.model_epoch = 1  # bumped when the model (tokenizer) changes
         self.revision = 0  # bumped on every change a browser should re-render
         self.history = ChartHistory(self.store)
@@ -144,7 +144,7 @@ class ControlRoom:
 
         try:
             with self.lock:
-                self.engine.replay_pending(progress)
+                self.engine.workspaces.replay_pending(progress)
         except Exception:  # noqa: BLE001 - the policy stays at its checkpoint; the log says why
             log.exception("replaying the workspace's pending rankings failed")
         finally:
@@ -204,11 +204,11 @@ class ControlRoom:
 
     def unsaved_count(self) -> int:
         """Updates whose weights no checkpoint holds (in a persistent store a restart replays them)."""
-        return self.engine.unsaved_updates
+        return self.engine.checkpoints.unsaved
 
     def unsaved_annotators(self) -> list[str]:
         """Who made the updates that no checkpoint holds."""
-        if not self.engine.unsaved_updates:
+        if not self.engine.checkpoints.unsaved:
             return []
         ws = self.workspace
         latest = self.store.latest_checkpoint(ws)
@@ -429,7 +429,7 @@ class ControlRoom:
         current one when it fits, else its own (``Store.workspace_for_model``)."""
         with self.lock:
             old = self.engine
-            old.save_pending()
+            old.checkpoints.save_pending()
             self.engine = self._new_engine(model, lora, old.workspace)
             remember_workspace(self.store.path, self.workspace)
             self._build_probe()
@@ -469,21 +469,19 @@ class ControlRoom:
         start loads them instead of replaying), then close the database (a temporary
         one is deleted)."""
         with self.lock:
-            path = self.engine.save_pending() if self.persistent else None
+            path = self.engine.checkpoints.save_pending() if self.persistent else None
             self.store.close()
-            if self._scratch is not None:
-                self._scratch.cleanup()
             return path
 
     # ------------------------------------------------------------ workspaces
     def workspaces(self) -> list[dict]:
-        return self.engine.workspaces()
+        return self.engine.workspaces.rows()
 
     def create_workspace(self, name: str) -> dict:
         """A new, empty workspace for the loaded model (not switched to)."""
         name = (name or "").strip()
         with self.lock:
-            self.engine.create_workspace(name, switch=False)
+            self.engine.workspaces.create(name, switch=False)
         self._changed()
         return self.store.workspace(name)
 
@@ -491,20 +489,20 @@ class ControlRoom:
         """Make ``name`` the active workspace (its latest checkpoint is loaded, what it
         lacks replayed); the current one is checkpointed first if it needs it."""
         with self.lock:
-            info = self.engine.switch_workspace(name)
+            info = self.engine.workspaces.switch(name)
             remember_workspace(self.store.path, self.workspace)
             self._build_probe()
             self._changed(persisted=True)
             return info
 
     def agreement(self) -> list[dict]:
-        return self.engine.agreement()
+        return agreement(self.store, self.workspace)
 
     # --------------------------------------------------------------- exports
     def export(self, fmt: str, exclude_rationalised: bool = False, all_workspaces: bool = False) -> Path:
         """Write an export (trl | trl-text | rankings | agreement) for a download."""
-        return self.engine.export_file(fmt, exclude_rationalised=exclude_rationalised,
-                                       all_workspaces=all_workspaces, directory=self.export_dir)
+        return export_file(self.store, fmt, self.export_dir, None if all_workspaces else self.workspace,
+                           exclude_rationalised)
 
     def checkpoint_archive(self) -> Path:
         """A .zip of the current policy's checkpoint, for a download (saved first if needed)."""
@@ -512,7 +510,7 @@ class ControlRoom:
             engine = self.engine
             stamp = time.strftime("%Y%m%d-%H%M%S")
             name = f"{self.workspace}-v{engine.version}-{stamp}-{uuid.uuid4().hex[:6]}"
-            path = engine.checkpoint_archive(self.export_dir / f"{name}.zip")
+            path = checkpoint_archive(engine.checkpoints.current(), self.export_dir / f"{name}.zip")
             self._changed()  # a save may have cleared the "not in a checkpoint" count
         prune_archives(self.export_dir, keep=path)
         return path
@@ -520,7 +518,7 @@ class ControlRoom:
     def import_rankings(self, path: str | Path, annotator: str | None = None) -> dict:
         """Import a rankings export or a TRL pair file into the active workspace (the policy
         is not updated; the rankings count for exports and the agreement view)."""
-        counts = self.engine.import_file(path, annotator=annotator or None)
+        counts = import_file(self.store, path, self.workspace, annotator or None)
         self._changed(persisted=True)
         return counts
 
