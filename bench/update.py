@@ -26,7 +26,9 @@ import time
 
 import torch
 
-from rlhf_core.generation import SamplingConfig, Trace, sample_traces, score_completions
+from rlhf_core.generation import SamplingConfig, sample_traces, score_completions
+
+from rlhf_core.records import Trace
 from rlhf_core.models import load_model
 from rlhf_core.prompts import build_messages
 from rlhf_core.update import DPOConfig, PolicyTrainer

@@ -29,7 +29,7 @@ from .cases import Case
 from .conclusion import SCAFFOLD_TEXT, candidate_probs, candidate_scores, candidates
 from .cpu_linear import onednn_linear
 from .decoding import score_continuations
-from .generation import Trace
+from .records import Trace
 from .logprobs import collate, completion_logps
 from .losses import k3_kl, masked_mean
 from .models import LoadedModel

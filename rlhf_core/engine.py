@@ -24,7 +24,8 @@ from .cases import Case
 from .belief import ProbeSet
 from .checkpoint import load_into, read_manifest, save_checkpoint
 from .conclusion import CONCLUSION_MODES
-from .generation import SamplingConfig, Trace, reference_pass, sample_stream
+from .generation import SamplingConfig, reference_pass, sample_stream
+from .records import Trace
 from .models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
 from .store import DEFAULT_WORKSPACE, Store, check_workspace_name

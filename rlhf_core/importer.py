@@ -26,7 +26,7 @@ from typing import Any
 
 from . import untrusted
 from .cases import Case, CaseFormatError, case_from_record
-from .generation import Trace
+from .records import Trace
 from .store import Store, content_id
 
 MAX_IMPORT_BYTES = 200 * 1024 * 1024  # files larger than this are refused before reading

@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 
 from .cases import Case
 from .degenerate import degenerate_reason
-from .generation import GenerationUpdate, SamplingConfig, Trace
+from .generation import GenerationUpdate, SamplingConfig
+from .records import Trace
 from .safety import check_safety
 from .verify import check_trace
 

@@ -10,7 +10,8 @@ from typing import Callable
 
 from .cases import Case
 from .engine import Engine
-from .generation import SamplingConfig, Trace
+from .generation import SamplingConfig
+from .records import Trace
 from .library import library_or_builtin
 from .reward_data import MODEL_RANKED
 from .sampler import RejectionConfig

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .cases import Case
-from .generation import Trace
+from .records import Trace
 
 SCHEMA_VERSION = 3
 DEFAULT_WORKSPACE = "default"

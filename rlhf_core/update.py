@@ -14,7 +14,7 @@ import torch
 
 from .bounds import Range, check_fields, knob
 from .cpu_linear import onednn_linear
-from .generation import Trace
+from .records import Trace
 from .logprobs import collate, completion_logps
 from .losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean
 from .models import LoadedModel

@@ -9,7 +9,7 @@ from rlhf_core.belief import ProbeSet, _continuations, belief, correct_index, pr
 from rlhf_core.cases import Case
 from rlhf_core.conclusion import candidates
 from rlhf_core.engine import Engine
-from rlhf_core.generation import Trace
+from rlhf_core.records import Trace
 from rlhf_core.logprobs import collate, completion_logps
 from rlhf_core.prompts import build_messages, encode_prompt
 from rlhf_core.update import DPOConfig

@@ -14,7 +14,7 @@ from rlhf_core.export import (
     kendall_tau,
     plain_prompt,
 )
-from rlhf_core.generation import Trace
+from rlhf_core.records import Trace
 from rlhf_core.importer import import_file
 from rlhf_core.prompts import build_messages
 from rlhf_core.store import Store

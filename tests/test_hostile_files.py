@@ -14,7 +14,7 @@ import pytest
 from rlhf_core.cases import MAX_OPTIONS, CaseFormatError, load_cases
 from rlhf_core.conclusion import candidates
 from rlhf_core.export import export
-from rlhf_core.generation import Trace
+from rlhf_core.records import Trace
 from rlhf_core.importer import import_file
 from rlhf_core.prompts import build_messages
 from rlhf_core.store import Store, check_workspace_name

@@ -1,6 +1,8 @@
 import pytest
 
-from rlhf_core.generation import GenerationUpdate, SamplingConfig, Trace, sample_stream
+from rlhf_core.generation import GenerationUpdate, SamplingConfig, sample_stream
+
+from rlhf_core.records import Trace
 from rlhf_core.sampler import RejectionConfig, sample_verified, sample_verified_stream
 
 WHY = "The history, the examination and the blood tests together point one way, and the timing fits. "

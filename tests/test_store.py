@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from rlhf_core import store as store_mod
-from rlhf_core.generation import Trace
+from rlhf_core.records import Trace
 from rlhf_core.store import Store, group_key
 
 
@@ -171,3 +171,13 @@ def test_workspace_for_model(db):
     name = db.workspace_for_model("org/Some Model", "lora")
     assert name == "org-Some-Model-lora" and db.workspace(name)["mode"] == "lora"
     assert db.workspace_for_model("org/Some Model", "lora") == name  # found again
+
+
+def test_the_store_imports_no_torch():
+    """The store, exports and records are plain data: reading a database needs no model code."""
+    import subprocess
+    import sys
+
+    code = "import sys, rlhf_core.store, rlhf_core.records; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import torch
 from rlhf_core.checkpoint import load_checkpoint
 from rlhf_core.engine import Engine
 from rlhf_core.export import export
-from rlhf_core.generation import Trace
+from rlhf_core.records import Trace
 from rlhf_core.logprobs import collate, completion_logps
 from rlhf_core.models import load_model
 from rlhf_core.prompts import build_messages, encode_prompt

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from rlhf_core.export import kendall_tau
-from rlhf_core.generation import Trace
+from rlhf_core.records import Trace
 from rlhf_core.reward_data import positions_changed
 
 from .ranking import validate_negatives, validate_order
