@@ -34,7 +34,7 @@ browser:
 	fi
 
 # jemalloc keeps the resident memory of updates ~0.5 GB lower than glibc's malloc
-# (rlhf_core/allocator.py); app.py restarts itself on it when it is installed.
+# (rlhf_core/model/allocator.py); app.py restarts itself on it when it is installed.
 # Best effort: installed with apt-get only when running as root, skipped otherwise.
 JEMALLOC ?= /usr/lib/$(shell uname -m)-linux-gnu/libjemalloc.so.2
 allocator:

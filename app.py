@@ -18,12 +18,12 @@ Environment:
     PORT / GRADIO_SERVER_PORT   port (default 7860; Spaces and Docker set PORT)
     GRADIO_SERVER_NAME   interface to bind (default 127.0.0.1; Docker sets 0.0.0.0)
     RLHF_MALLOC          auto (default): restart once on jemalloc/tcmalloc when installed
-                         (less memory per update, see rlhf_core/allocator.py); system: keep glibc
+                         (less memory per update, see rlhf_core/model/allocator.py); system: keep glibc
 """
 from __future__ import annotations
 
 if __name__ == "__main__":  # first, before the heavy imports: the process may restart itself
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from rlhf_core.models import DEFAULT_MODEL
+from rlhf_core.model.models import DEFAULT_MODEL
 from ui.autopilot_panel import bind_autopilot_panel, build_autopilot_panel
 from ui.access import ThrottledLogin, exposure_warning
 from ui.api import build_api
@@ -64,7 +64,7 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
               export_dir: str | Path | None = None, background_replay: bool = False) -> gr.Blocks:
     """The whole app around one ``ControlRoom`` (built here unless given).
 
-    ``db_path``: the database (``main`` passes ``rlhf_core.store.default_db_path()``;
+    ``db_path``: the database (``main`` passes ``rlhf_core.storage.store.default_db_path()``;
     None keeps rankings and history in memory only). ``generate_fn`` swaps the
     trace source (see ``ui.backends``); ``demo.room`` is the control room, for
     tests and embedding.
@@ -140,7 +140,7 @@ def _stop(signum, frame):
 
 
 def main() -> None:
-    from rlhf_core.store import default_db_path
+    from rlhf_core.storage.store import default_db_path
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lora = os.environ.get("RLHF_LORA", "").strip().lower() in ("1", "true", "yes", "on")

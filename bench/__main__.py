@@ -89,7 +89,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()  # measure on the allocator the app runs on
     main()

@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlhf_core.cases import Case  # noqa: E402
+from rlhf_core.clinical.cases import Case  # noqa: E402
 
 # ~120 prompt tokens with the chat template and system prompt on SmolLM2
 BENCH_CASE = Case(
@@ -63,7 +63,7 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-    from rlhf_core.allocator import MARKER
+    from rlhf_core.model.allocator import MARKER
 
     malloc = Path(os.environ[MARKER]).name.split(".so")[0].removeprefix("lib") if os.environ.get(MARKER) else "glibc malloc"
     return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "

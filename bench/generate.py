@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.generation import SamplingConfig, sample_stream
-from rlhf_core.models import gguf_path, load_model, resolve_spec
-from rlhf_core.prompts import build_messages, encode_prompt
+from rlhf_core.rollout.generation import SamplingConfig, sample_stream
+from rlhf_core.model.models import gguf_path, load_model, resolve_spec
+from rlhf_core.rollout.prompts import build_messages, encode_prompt
 
 from .common import BENCH_CASE, machine, median, save_json
 
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()  # measure on the allocator the app runs on
     main()

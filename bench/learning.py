@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict
 
 from rlhf_core.belief import ProbeSet, belief
-from rlhf_core.cases import default_cases_dir, load_library
+from rlhf_core.clinical.cases import default_cases_dir, load_library
 from rlhf_core.engine import Engine
 from rlhf_core.evaluate import heldout_comparison, split_cases
 from rlhf_core.simulate import SimulationSettings, run_simulation
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()
     main()

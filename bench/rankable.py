@@ -23,10 +23,10 @@ import statistics
 import time
 from dataclasses import asdict, replace
 
-from rlhf_core.cases import default_cases_dir, load_library
-from rlhf_core.generation import SamplingConfig, sample_stream
-from rlhf_core.models import load_model
-from rlhf_core.sampler import RejectionConfig, sample_verified_stream
+from rlhf_core.clinical.cases import default_cases_dir, load_library
+from rlhf_core.rollout.generation import SamplingConfig, sample_stream
+from rlhf_core.model.models import load_model
+from rlhf_core.rollout.sampler import RejectionConfig, sample_verified_stream
 
 from .common import load_json, machine, save_json, write_readme_block
 
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()
     main()

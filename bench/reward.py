@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 
-from rlhf_core.reward_data import (calibration, pairwise_accuracy, positions_changed, rankings_from_store,
+from rlhf_core.reward.reward_data import (calibration, pairwise_accuracy, positions_changed, rankings_from_store,
                                    split)
-from rlhf_core.reward_model import RewardConfig, evaluate, fit
-from rlhf_core.store import Store
+from rlhf_core.reward.reward_model import RewardConfig, evaluate, fit
+from rlhf_core.storage.store import Store
 
 from .common import load_json, machine, save_json, write_readme_block
 from .reward_collect import WORKSPACE
@@ -107,8 +107,8 @@ def trl_reward(store, data, train, held, model_name: str, epochs: float, lr: flo
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from rlhf_core.models import load_model
-    from rlhf_core.reward_data import ranked_pairs
+    from rlhf_core.model.models import load_model
+    from rlhf_core.reward.reward_data import ranked_pairs
 
     traces = {t.trace_id: t for t in store.traces(WORKSPACE)}
 

@@ -16,13 +16,13 @@ import argparse
 import json
 import time
 
-from rlhf_core.cases import default_cases_dir, load_library
+from rlhf_core.clinical.cases import default_cases_dir, load_library
 from rlhf_core.evaluate import split_cases
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.models import load_model
-from rlhf_core.sampler import annotate
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.model.models import load_model
+from rlhf_core.rollout.sampler import annotate
 from rlhf_core.simulate import scripted_ranking
-from rlhf_core.store import Store
+from rlhf_core.storage.store import Store
 
 WORKSPACE = "reward-bench"
 

@@ -37,8 +37,8 @@ def _reset_peak() -> None:
 
 def measure(model: str, mode: str, repeats: int, tokens: int, checkpointed: bool) -> dict:
     from rlhf_core.engine import Engine
-    from rlhf_core.generation import SamplingConfig, sample_traces
-    from rlhf_core.update import DPOConfig
+    from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+    from rlhf_core.training.update import DPOConfig
 
     from .common import BENCH_CASE, machine, median
 
@@ -91,7 +91,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()  # measure on the allocator the app runs on
     main()

@@ -26,12 +26,12 @@ import time
 
 import torch
 
-from rlhf_core.generation import SamplingConfig, sample_traces, score_completions
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces, score_completions
 
-from rlhf_core.records import Trace
-from rlhf_core.models import load_model
-from rlhf_core.prompts import build_messages
-from rlhf_core.update import DPOConfig, PolicyTrainer
+from rlhf_core.rollout.records import Trace
+from rlhf_core.model.models import load_model
+from rlhf_core.rollout.prompts import build_messages
+from rlhf_core.training.update import DPOConfig, PolicyTrainer
 
 from .common import BENCH_CASE, machine, median, save_json
 
@@ -77,7 +77,7 @@ def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int,
 def gemm_peak_gflops(repeats: int = 20) -> float:
     """The machine's float32 GEMM rate at the update's shapes, through oneDNN (as our
     update runs): the best of SmolLM2's layer shapes at 640 rows."""
-    from rlhf_core.cpu_linear import _linear_pointwise
+    from rlhf_core.model.cpu_linear import _linear_pointwise
 
     best = 0.0
     with torch.no_grad():
@@ -138,7 +138,7 @@ def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: f
         peft_config = None
         ref_model = lm._reference
         if lora:
-            from rlhf_core.models import LoraSettings, _peft_config
+            from rlhf_core.model.models import LoraSettings, _peft_config
 
             peft_config, ref_model = _peft_config(LoraSettings()), None
         timer = StepTimer()
@@ -203,7 +203,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()  # measure on the allocator the app runs on
     main()

@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cases import Case
-from .conclusion import SCAFFOLD_TEXT, candidate_probs, candidate_scores, candidates
-from .cpu_linear import onednn_linear
-from .decoding import score_continuations
-from .records import Trace
-from .logprobs import collate, completion_logps
-from .losses import k3_kl, masked_mean
-from .models import LoadedModel
-from .prompts import build_messages, encode_prompt
+from .clinical.cases import Case
+from .rollout.conclusion import SCAFFOLD_TEXT, candidate_probs, candidate_scores, candidates
+from .model.cpu_linear import onednn_linear
+from .rollout.decoding import score_continuations
+from .rollout.records import Trace
+from .rollout.logprobs import collate, completion_logps
+from .training.losses import k3_kl, masked_mean
+from .model.models import LoadedModel
+from .rollout.prompts import build_messages, encode_prompt
 
 
 def correct_index(case: Case, names: list[str]) -> int:

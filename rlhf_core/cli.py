@@ -4,7 +4,7 @@ Commands: ``simulate`` (the headless loop), ``diagnose`` (un-hinted acceptance p
 case), ``export`` / ``import`` (rankings
 out of and into the database), ``evaluate`` (held-out A/B of reference vs
 policy), ``workspaces`` (list or create) and ``train`` (offline DPO on an
-export; for several processes use ``accelerate launch -m rlhf_core.train``).
+export; for several processes use ``accelerate launch -m rlhf_core.training.train``).
 ``--db`` defaults to the app's database: ``$RLHF_DB``, else
 ``$RLHF_DATA_DIR/rlhf.sqlite``, else ``data/rlhf.sqlite`` in the repository.
 """
@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .models import DEFAULT_MODEL, REGISTRY, ModelUnavailableError
+from .model.models import DEFAULT_MODEL, REGISTRY, ModelUnavailableError
 
 
 def _fmt(value) -> str:
@@ -25,7 +25,7 @@ def _fmt(value) -> str:
 
 
 def _default_db() -> str:
-    from .store import default_db_path
+    from .storage.store import default_db_path
 
     return str(default_db_path())
 
@@ -88,7 +88,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _open_store(path: str, must_exist: bool = True):
-    from .store import Store
+    from .storage.store import Store
 
     if must_exist and not Path(path).is_file():
         raise ValueError(f"database not found: {path}")
@@ -96,7 +96,7 @@ def _open_store(path: str, must_exist: bool = True):
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .storage.export import export
 
     store = _open_store(args.db)
     n = export(store, args.format, args.out, workspace=args.workspace, exclude_rationalised=args.exclude_rationalised)
@@ -105,7 +105,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .importer import import_file
+    from .storage.importer import import_file
 
     store = _open_store(args.db, must_exist=False)
     counts = import_file(store, args.file, workspace=args.workspace, annotator=args.annotator)
@@ -114,7 +114,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _load_cases(path: str | None):
-    from .cases import load_cases, load_library
+    from .clinical.cases import load_cases, load_library
     from .library import library_or_builtin
 
     if path is None:
@@ -128,16 +128,16 @@ def _load_cases(path: str | None):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_into, read_manifest
+    from .training.checkpoint import load_into, read_manifest
     from .engine import lora_from_checkpoint
     from .evaluate import compare_policies, format_table, split_cases, write_json
-    from .models import LoraSettings, load_model
-    from .update import PolicyTrainer
+    from .model.models import LoraSettings, load_model
+    from .training.update import PolicyTrainer
 
     checkpoint = args.checkpoint
     note = ""
     if checkpoint is None and args.db and Path(args.db).is_file():
-        from .store import Store
+        from .storage.store import Store
 
         store = Store(args.db, readonly=True)
         if store.workspace(args.workspace) is not None:
@@ -187,8 +187,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose, format_report, write_report
-    from .generation import SamplingConfig
-    from .models import load_model
+    from .rollout.generation import SamplingConfig
+    from .model.models import load_model
 
     cases = _load_cases(args.cases)
     if args.max_cases:
@@ -230,7 +230,7 @@ def _workspaces(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import main as train_main
+    from .training.train import main as train_main
 
     return train_main(args.train_args)
 
@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     default_db = _default_db()
 
-    from .conclusion import CANDIDATE_SCORES, CONCLUSION_MODES
-    from .generation import SamplingConfig
+    from .rollout.conclusion import CANDIDATE_SCORES, CONCLUSION_MODES
+    from .rollout.generation import SamplingConfig
 
     sim = sub.add_parser("simulate", help="generate -> rank (scripted) -> update, without a browser")
     sim.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(REGISTRY)}, a hub id or a local folder")
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sim.set_defaults(func=_simulate)
 
-    from .export import FORMATS
+    from .storage.export import FORMATS
 
     exp = sub.add_parser("export", help="write rankings as TRL preference pairs, full rankings or agreement")
     exp.add_argument("--db", default=default_db)
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws.set_defaults(func=_workspaces)
 
     tr = sub.add_parser(
-        "train", help="offline DPO on an export, one process (see: accelerate launch -m rlhf_core.train --help)",
+        "train", help="offline DPO on an export, one process (see: accelerate launch -m rlhf_core.training.train --help)",
         add_help=False,
     )
     tr.add_argument("train_args", nargs=argparse.REMAINDER)
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser, so `train --help` and every option pass through
-        from .train import main as train_main
+        from .training.train import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

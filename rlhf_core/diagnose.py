@@ -15,11 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cases import Case
-from .generation import SamplingConfig, sample_traces
-from .models import LoadedModel
-from .sampler import annotate
-from .verify import check_trace
+from .clinical.cases import Case
+from .rollout.generation import SamplingConfig, sample_traces
+from .model.models import LoadedModel
+from .rollout.sampler import annotate
+from .clinical.verify import check_trace
 
 
 def _correct_candidate(case: Case, names: list[str]) -> int | None:

@@ -20,16 +20,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .cases import Case
+from .clinical.cases import Case
 from .belief import ProbeSet
-from .checkpoint import load_into, read_manifest, save_checkpoint
-from .conclusion import CONCLUSION_MODES
-from .generation import SamplingConfig, reference_pass, sample_stream
-from .records import Trace
-from .models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
-from .sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
-from .store import DEFAULT_WORKSPACE, Store, check_workspace_name
-from .update import DPOConfig, GRPOConfig, PolicyTrainer
+from .training.checkpoint import load_into, read_manifest, save_checkpoint
+from .rollout.conclusion import CONCLUSION_MODES
+from .rollout.generation import SamplingConfig, reference_pass, sample_stream
+from .rollout.records import Trace
+from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
+from .rollout.sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
+from .storage.store import DEFAULT_WORKSPACE, Store, check_workspace_name
+from .training.update import DPOConfig, GRPOConfig, PolicyTrainer
 from .workspaces import Checkpoints, Workspaces
 
 

@@ -25,9 +25,9 @@ import time
 from collections import Counter
 from typing import Callable, Iterator, Sequence
 
-from .cases import Case
-from .generation import SamplingConfig, sample_traces
-from .models import LoadedModel
+from .clinical.cases import Case
+from .rollout.generation import SamplingConfig, sample_traces
+from .model.models import LoadedModel
 
 Z95 = 1.959963984540054
 
@@ -143,7 +143,7 @@ def reference_view(lm: LoadedModel) -> Iterator[LoadedModel]:
 
 
 def _sample_arm(lm: LoadedModel, case: Case, samples: int, settings: dict, seed: int, batch_size: int) -> list[dict]:
-    from .sampler import annotate  # the sampler's own judgement: verifier, degenerate filter, safety
+    from .rollout.sampler import annotate  # the sampler's own judgement: verifier, degenerate filter, safety
 
     out = []
     done = 0

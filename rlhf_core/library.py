@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
 
-from .cases import Case, CaseFormatError, SafetyInfo, default_cases_dir, load_library
-from .conclusion import candidates as conclusion_candidates
-from .prompts import build_messages
+from .clinical.cases import Case, CaseFormatError, SafetyInfo, default_cases_dir, load_library
+from .rollout.conclusion import candidates as conclusion_candidates
+from .rollout.prompts import build_messages
 
 BUILTIN_CASES = [
     Case(

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cases import Case
+from .clinical.cases import Case
 from .engine import Engine
-from .generation import SamplingConfig
-from .records import Trace
+from .rollout.generation import SamplingConfig
+from .rollout.records import Trace
 from .library import library_or_builtin
-from .reward_data import MODEL_RANKED
-from .sampler import RejectionConfig
-from .update import make_config
+from .reward.reward_data import MODEL_RANKED
+from .rollout.sampler import RejectionConfig
+from .training.update import make_config
 
 
 def scripted_ranking(traces: list[Trace]) -> list[int]:
@@ -146,7 +146,7 @@ def play_round(engine: Engine, case: Case, settings: SimulationSettings, n: int,
 def clinicians_reward_model(engine: Engine, advisor=None):
     """The workspace's reward model, fitted on its clinicians' rankings (``advisor``: a
     ``RankingAdvisor`` of the engine's store, default a new one); ValueError when too few."""
-    from .suggest import RankingAdvisor
+    from .reward.suggest import RankingAdvisor
 
     advisor = advisor or RankingAdvisor(engine.store)
     model = advisor.model(engine.workspace)

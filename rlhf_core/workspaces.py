@@ -33,8 +33,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .checkpoint import CheckpointError, read_manifest, save_checkpoint, verify_recorded
-from .update import make_config
+from .training.checkpoint import CheckpointError, read_manifest, save_checkpoint, verify_recorded
+from .training.update import make_config
 
 if TYPE_CHECKING:  # the engine imports this module
     from .engine import Engine

@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from rlhf_core.cases import Case  # noqa: E402
+from rlhf_core.clinical.cases import Case  # noqa: E402
 
 # The tiny random models the tests train need far larger steps than a real model
 # to move measurably: the suite widens those ranges the way an administrator would
@@ -32,14 +32,14 @@ def case():
 
 @pytest.fixture
 def tiny_lm():
-    from rlhf_core.models import load_model
+    from rlhf_core.model.models import load_model
 
     return load_model("tiny-random", device="cpu")
 
 
 @pytest.fixture
 def tiny_lora_lm():
-    from rlhf_core.models import load_model
+    from rlhf_core.model.models import load_model
 
     return load_model("tiny-random", device="cpu", lora=True)
 

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 import ui_scenario as sc
-from rlhf_core.models import resolve_spec
+from rlhf_core.model.models import resolve_spec
 from ui.access import MODELS_DIR_ENV, ThrottledLogin, browser_model_choice, exposure_warning
 
 

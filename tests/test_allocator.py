@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core.allocator import MARKER, SWITCH, find_allocator, preload_environment
+from rlhf_core.model.allocator import MARKER, SWITCH, find_allocator, preload_environment
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is a Linux mechanism")
 
@@ -49,7 +49,7 @@ def test_use_preferred_allocator_restarts_the_process_once_with_the_library_load
     script.write_text(
         "import os, sys\n"
         "print('start', flush=True)\n"
-        "from rlhf_core.allocator import use_preferred_allocator\n"
+        "from rlhf_core.model.allocator import use_preferred_allocator\n"
         "use_preferred_allocator()\n"
         f"print('preloaded', os.environ.get('LD_PRELOAD'), os.environ.get('{MARKER}'), sys.argv[1:])\n"
     )

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from rlhf_core.belief import ProbeSet, _continuations, belief, correct_index, probe_kl
-from rlhf_core.cases import Case
-from rlhf_core.conclusion import candidates
+from rlhf_core.clinical.cases import Case
+from rlhf_core.rollout.conclusion import candidates
 from rlhf_core.engine import Engine
-from rlhf_core.records import Trace
-from rlhf_core.logprobs import collate, completion_logps
-from rlhf_core.prompts import build_messages, encode_prompt
-from rlhf_core.update import DPOConfig
+from rlhf_core.rollout.records import Trace
+from rlhf_core.rollout.logprobs import collate, completion_logps
+from rlhf_core.rollout.prompts import build_messages, encode_prompt
+from rlhf_core.training.update import DPOConfig
 from ui import charts
 
 CASE = Case(id="b-mi", question="Crushing chest pain, ST elevation. Diagnosis?", answer="myocardial infarction",

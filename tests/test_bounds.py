@@ -10,10 +10,10 @@ import threading
 import pytest
 
 import ui_scenario as sc
-from rlhf_core.bounds import BOUNDS_ENV, help_text
+from rlhf_core.training.bounds import BOUNDS_ENV, help_text
 from rlhf_core.engine import Engine
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.update import DPOConfig, GRPOConfig, OptimConfig, make_config
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.training.update import DPOConfig, GRPOConfig, OptimConfig, make_config
 
 
 @pytest.fixture(autouse=True)

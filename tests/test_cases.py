@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import cases as cases_mod
-from rlhf_core.cases import (
+from rlhf_core.clinical import case_record, cases as cases_mod
+from rlhf_core.clinical.cases import (
     Case,
     CaseFormatError,
     CaseFormatWarning,
@@ -25,7 +25,7 @@ from rlhf_core.cases import (
 
 
 # An unexpected CaseFormatWarning fails the test; expected ones are caught with pytest.warns.
-pytestmark = pytest.mark.filterwarnings("error::rlhf_core.cases.CaseFormatWarning")
+pytestmark = pytest.mark.filterwarnings("error::rlhf_core.clinical.cases.CaseFormatWarning")
 
 
 # -- helpers -----------------------------------------------------------------
@@ -558,7 +558,7 @@ def test_file_without_cases(tmp_path):
 def test_too_large_file_is_refused_before_reading(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "big.jsonl", [free(i) for i in range(50)])
     size = path.stat().st_size
-    monkeypatch.setattr(cases_mod, "MAX_FILE_BYTES", size - 1)
+    monkeypatch.setattr(case_record, "MAX_FILE_BYTES", size - 1)
 
     def no_reading(self, *a, **k):
         raise AssertionError("the file was read although it is too large")
@@ -574,7 +574,7 @@ def test_too_large_file_is_refused_before_reading(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field", ["question", "answer", "aliases", "options", "id",
                                    "safety.red_flags"])
 def test_too_long_field(tmp_path, monkeypatch, field):
-    monkeypatch.setattr(cases_mod, "MAX_FIELD_CHARS", 100)
+    monkeypatch.setattr(case_record, "MAX_FIELD_CHARS", 100)
     long = "x" * 101
     rec = free(2)
     if field == "aliases":
@@ -592,14 +592,14 @@ def test_too_long_field(tmp_path, monkeypatch, field):
 
 
 def test_field_at_the_limit_is_accepted(tmp_path, monkeypatch):
-    monkeypatch.setattr(cases_mod, "MAX_FIELD_CHARS", 100)
+    monkeypatch.setattr(case_record, "MAX_FIELD_CHARS", 100)
     [case] = load_cases(write_jsonl(tmp_path / "ok.jsonl", [free(1, question="q" * 100)]))
     assert len(case.question) == 100
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
 def test_too_many_cases(tmp_path, monkeypatch, fmt):
-    monkeypatch.setattr(cases_mod, "MAX_CASES", 3)
+    monkeypatch.setattr(case_record, "MAX_CASES", 3)
     recs = [free(i) for i in range(4)]
     path = tmp_path / f"many.{fmt}"
     if fmt == "jsonl":
@@ -614,7 +614,7 @@ def test_too_many_cases(tmp_path, monkeypatch, fmt):
                   [[r["id"], r["question"], r["answer"]] for r in recs])
         where = "row 5"
     assert_names(load_error(path), path, where, "more than MAX_CASES=3")
-    monkeypatch.setattr(cases_mod, "MAX_CASES", 4)
+    monkeypatch.setattr(case_record, "MAX_CASES", 4)
     assert len(load_cases(path)) == 4
 
 
@@ -735,7 +735,7 @@ def test_load_library_missing_folder(tmp_path):
 
 
 def test_default_cases_dir():
-    assert default_cases_dir() == Path(cases_mod.__file__).resolve().parents[1] / "cases"
+    assert default_cases_dir() == Path(cases_mod.__file__).resolve().parents[2] / "cases"
 
 
 # -- the bundled library ---------------------------------------------------------------

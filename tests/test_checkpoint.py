@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from rlhf_core.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.logprobs import collate, completion_logps
-from rlhf_core.models import load_model
-from rlhf_core.update import DPOConfig, PolicyTrainer
+from rlhf_core.training.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.rollout.logprobs import collate, completion_logps
+from rlhf_core.model.models import load_model
+from rlhf_core.training.update import DPOConfig, PolicyTrainer
 
 
 def _logps(lm, traces):

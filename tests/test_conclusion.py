@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_core.cases import Case
-from rlhf_core.conclusion import (
+from rlhf_core.clinical.cases import Case
+from rlhf_core.rollout.conclusion import (
     TRIGGER_RE, Concluder, can_constrain, candidate_probs, candidate_scores, candidates, choose_candidate,
 )
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.logprobs import collate, completion_logps
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.rollout.logprobs import collate, completion_logps
 
 MC_CASE = Case(id="mc", question="Q?", answer="Renal colic", options=["Appendicitis", "Renal colic", "Cholecystitis"], answer_idx=1)
 FREE_CASE = Case(id="free", question="Q?", answer="acute appendicitis", distractors=["renal colic", "Renal  colic", "ovarian torsion"])
@@ -170,7 +170,7 @@ def test_the_recorded_probabilities_are_the_models_scores_of_each_candidate(tiny
 
 
 def test_the_scaffold_counts_in_no_loss(tiny_lm):
-    from rlhf_core.update import DPOConfig, PolicyTrainer
+    from rlhf_core.training.update import DPOConfig, PolicyTrainer
 
     case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
     traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=8, seed=9))

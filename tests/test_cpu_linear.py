@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_core import cpu_linear
-from rlhf_core.cpu_linear import OneDnnLinear, onednn_linear
-from rlhf_core.logprobs import collate, completion_logps
-from rlhf_core.models import build_tiny_model
+from rlhf_core.model import cpu_linear
+from rlhf_core.model.cpu_linear import OneDnnLinear, onednn_linear
+from rlhf_core.rollout.logprobs import collate, completion_logps
+from rlhf_core.model.models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
 

@@ -1,10 +1,10 @@
 """The diagnosis report: un-hinted acceptance and rejection reasons per case and overall."""
 import json
 
-from rlhf_core.cases import Case, save_cases_jsonl
+from rlhf_core.clinical.cases import Case, save_cases_jsonl
 from rlhf_core.cli import main
 from rlhf_core.diagnose import diagnose, format_report
-from rlhf_core.generation import SamplingConfig
+from rlhf_core.rollout.generation import SamplingConfig
 
 FREE = Case(id="free", question="RLQ pain and fever. Diagnosis?", answer="acute appendicitis",
             distractors=["renal colic", "ovarian torsion"])

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rlhf_core.cases import Case, save_cases_jsonl
+from rlhf_core.clinical.cases import Case, save_cases_jsonl
 from rlhf_core.cli import main
 from rlhf_core.engine import Engine
 from rlhf_core.evaluate import (
@@ -15,8 +15,8 @@ from rlhf_core.evaluate import (
     two_proportion_tests,
     wilson_interval,
 )
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.update import DPOConfig
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.training.update import DPOConfig
 
 
 def _cases(n, prefix="c"):

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 
 from rlhf_core.cli import build_parser, main
-from rlhf_core.export import (
+from rlhf_core.storage.export import (
     agreement,
     agreement_summary,
     checkpoint_archive,
@@ -14,10 +14,10 @@ from rlhf_core.export import (
     kendall_tau,
     plain_prompt,
 )
-from rlhf_core.records import Trace
-from rlhf_core.importer import import_file
-from rlhf_core.prompts import build_messages
-from rlhf_core.store import Store
+from rlhf_core.rollout.records import Trace
+from rlhf_core.storage.importer import import_file
+from rlhf_core.rollout.prompts import build_messages
+from rlhf_core.storage.store import Store
 
 
 def _t(case, text, tid, rationalised=False):

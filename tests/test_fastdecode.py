@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from rlhf_core import fastdecode
-from rlhf_core.fastdecode import LlamaDecoder, PackedLinear
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.models import build_tiny_model
+from rlhf_core.model import fastdecode
+from rlhf_core.model.fastdecode import LlamaDecoder, PackedLinear
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.model.models import build_tiny_model
 
 
 def _decode_and_compare(model, rows=3, steps=12, seed=0):

@@ -1,8 +1,8 @@
 import torch
 
-from rlhf_core.generation import SamplingConfig, sample_stream, sample_traces
-from rlhf_core.logprobs import collate, completion_logps
-from rlhf_core.prompts import build_messages, encode_prompt
+from rlhf_core.rollout.generation import SamplingConfig, sample_stream, sample_traces
+from rlhf_core.rollout.logprobs import collate, completion_logps
+from rlhf_core.rollout.prompts import build_messages, encode_prompt
 
 
 def test_traces_carry_ids_text_finish_reason_and_logps(tiny_lm, case):
@@ -109,7 +109,7 @@ def test_shared_prompt_logps_and_gradients_match_full_forward(tiny_lm, case):
 
 
 def test_chunked_lm_head_matches_unchunked_values_and_gradients(tiny_lm):
-    from rlhf_core.logprobs import chunked_head_logps
+    from rlhf_core.rollout.logprobs import chunked_head_logps
 
     head = tiny_lm.model.get_output_embeddings()
     hidden = torch.randn(3, 10, head.in_features, requires_grad=True)

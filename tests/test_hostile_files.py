@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from rlhf_core.cases import MAX_OPTIONS, CaseFormatError, load_cases
-from rlhf_core.conclusion import candidates
-from rlhf_core.export import export
-from rlhf_core.records import Trace
-from rlhf_core.importer import import_file
-from rlhf_core.prompts import build_messages
-from rlhf_core.store import Store, check_workspace_name
+from rlhf_core.clinical.cases import MAX_OPTIONS, CaseFormatError, load_cases
+from rlhf_core.rollout.conclusion import candidates
+from rlhf_core.storage.export import export
+from rlhf_core.rollout.records import Trace
+from rlhf_core.storage.importer import import_file
+from rlhf_core.rollout.prompts import build_messages
+from rlhf_core.storage.store import Store, check_workspace_name
 
 CASE = {"id": "c1", "question": "A 60-year-old with crushing chest pain. Diagnosis?", "answer": "myocardial infarction",
         "distractors": ["aortic dissection", "pericarditis"], "safety": {"emergency": True, "red_flags": ["ecg"]}}
@@ -83,7 +83,7 @@ def _hostile_case_file(rng: random.Random, tmp_path, n: int):
     return path
 
 
-@pytest.mark.filterwarnings("ignore::rlhf_core.cases.CaseFormatWarning")
+@pytest.mark.filterwarnings("ignore::rlhf_core.clinical.cases.CaseFormatWarning")
 def test_case_file_fuzzer_refuses_cleanly_and_fast(tmp_path):
     rng = random.Random(20261202)
     loaded = refused = 0
@@ -128,7 +128,7 @@ def test_long_option_lines_are_refused_before_any_pattern_runs(tmp_path, value, 
 
 
 def test_a_long_whitespace_run_inside_the_limit_parses_in_linear_time(tmp_path, monkeypatch):
-    monkeypatch.setattr("rlhf_core.cases.MAX_FIELD_CHARS", 400_000)
+    monkeypatch.setattr("rlhf_core.clinical.case_record.MAX_FIELD_CHARS", 400_000)
     path = _write_jsonl(tmp_path / "ws.jsonl", [{**MC, "options": "A. " + " " * 100_000 + "x\nB. y", "answer_idx": 0}])
     started = time.perf_counter()
     [case] = load_cases(path)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.losses import dpo_loss, group_advantages, grpo_loss, k3_kl, plackett_luce_loss
+from rlhf_core.training.losses import dpo_loss, group_advantages, grpo_loss, k3_kl, plackett_luce_loss, sequence_logps
 
 
 def logsig(x):
@@ -165,3 +165,11 @@ def test_padding_is_ignored_weights_scale_and_gradients_stay_finite():
     assert _pl([[1.5, -0.5]], [[0, 1]], [0.25]).item() == pytest.approx(-0.25 * logsig(2.0))
     with pytest.raises(ValueError, match=r"\[R, K\]"):
         plackett_luce_loss(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+
+
+def test_sequence_logps_sums_or_averages_only_the_counted_tokens():
+    logps = torch.tensor([[-1.0, -2.0, -30.0], [-0.5, -99.0, -1.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])  # padding; an inserted scaffold token
+    assert torch.allclose(sequence_logps(logps, mask), torch.tensor([-3.0, -2.0]))
+    assert torch.allclose(sequence_logps(logps, mask, average=True), torch.tensor([-1.5, -1.0]))
+    assert torch.equal(sequence_logps(logps, torch.zeros_like(mask), average=True), torch.zeros(2))

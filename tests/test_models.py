@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf_core.models import REGISTRY, ModelUnavailableError, availability, load_model, pick_dtype, resolve_spec
+from rlhf_core.model.models import REGISTRY, ModelUnavailableError, availability, load_model, pick_dtype, resolve_spec
 
 
 def test_registry_names():

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.models import DEFAULT_MODEL, availability, load_model
-from rlhf_core.update import DPOConfig, PolicyTrainer
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.model.models import DEFAULT_MODEL, availability, load_model
+from rlhf_core.training.update import DPOConfig, PolicyTrainer
 
 
 @pytest.fixture(scope="module")

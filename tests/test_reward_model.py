@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core import features as feats
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.logprobs import collate
-from rlhf_core.reward_data import (build_set, calibration, mean_kendall_tau, pairwise_accuracy, positions_changed,
+from rlhf_core.rollout import features as feats
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.rollout.logprobs import collate
+from rlhf_core.reward.reward_data import (build_set, calibration, mean_kendall_tau, pairwise_accuracy, positions_changed,
                                    rankings_from_store, ranks_of, split)
-from rlhf_core.reward_model import RewardConfig, RewardModel, cross_validated, evaluate, fit
-from rlhf_core.store import Store
-from rlhf_core.suggest import RankingAdvisor
+from rlhf_core.reward.reward_model import RewardConfig, RewardModel, cross_validated, evaluate, fit
+from rlhf_core.storage.store import Store
+from rlhf_core.reward.suggest import RankingAdvisor
 
 
 def synthetic(n_rankings=120, k=6, width=40, noise=1.0, seed=0, informative=True):

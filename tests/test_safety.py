@@ -1,11 +1,11 @@
-"""The safety checker (rlhf_core/safety.py) and its knowledge table (rlhf_core/data/safety_kb.json)."""
+"""The safety checker (rlhf_core/clinical/safety.py) and its knowledge table (rlhf_core/clinical/data/safety_kb.json)."""
 import json
 import os
 
 import pytest
 
-from rlhf_core.cases import Case, SafetyInfo
-from rlhf_core.safety import (
+from rlhf_core.clinical.cases import Case, SafetyInfo
+from rlhf_core.clinical.safety import (
     DEFAULT_KNOWLEDGE_PATH,
     SafetyResult,
     Violation,

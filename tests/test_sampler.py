@@ -1,9 +1,9 @@
 import pytest
 
-from rlhf_core.generation import GenerationUpdate, SamplingConfig, sample_stream
+from rlhf_core.rollout.generation import GenerationUpdate, SamplingConfig, sample_stream
 
-from rlhf_core.records import Trace
-from rlhf_core.sampler import RejectionConfig, sample_verified, sample_verified_stream
+from rlhf_core.rollout.records import Trace
+from rlhf_core.rollout.sampler import RejectionConfig, sample_verified, sample_verified_stream
 
 WHY = "The history, the examination and the blood tests together point one way, and the timing fits. "
 RIGHT = WHY + "Fever and RLQ pain with rebound.\nFinal diagnosis: acute appendicitis"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core.cases import Case
+from rlhf_core.clinical.cases import Case
 from rlhf_core.engine import Engine
 from rlhf_core.simulate import SimulationSettings, run_simulation
 
@@ -131,10 +131,10 @@ def test_run_simulation_records_everything_and_continues(tmp_path, case):
 
 
 def test_simulate_teaches_the_training_split_and_opens_a_workspace_per_model(tmp_path, capsys):
-    from rlhf_core.cases import save_cases_jsonl
+    from rlhf_core.clinical.cases import save_cases_jsonl
     from rlhf_core.cli import main
     from rlhf_core.evaluate import split_cases
-    from rlhf_core.store import Store
+    from rlhf_core.storage.store import Store
 
     cases = [Case(id=f"c{i}", question=f"Case {i}. Diagnosis?", answer="gout", distractors=["pseudogout", "cellulitis"])
              for i in range(10)]
@@ -159,7 +159,7 @@ def test_simulate_teaches_the_training_split_and_opens_a_workspace_per_model(tmp
 def test_autopilot_ranks_with_the_clinicians_reward_model_and_says_so(tmp_path, case):
     from dataclasses import replace
 
-    from rlhf_core.reward_data import MODEL_RANKED, rankings_from_store
+    from rlhf_core.reward.reward_data import MODEL_RANKED, rankings_from_store
 
     cases = [case, Case(id="t-mi", question="Crushing chest pain and ST elevation. Diagnosis?", answer="myocardial infarction")]
     settings = SimulationSettings(updates=2, traces=3, max_new_tokens=4, budget=3, steps=1, lr=1e-3)

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from rlhf_core import store as store_mod
-from rlhf_core.records import Trace
-from rlhf_core.store import Store, group_key
+from rlhf_core.storage import schema
+from rlhf_core.rollout.records import Trace
+from rlhf_core.storage.store import Store, group_key
 
 
 def _trace(case_id="c1", text="x", tid=None, **kw) -> Trace:
@@ -36,12 +36,12 @@ def test_pragmas_schema_and_reopen(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert s.schema_version() == store_mod.SCHEMA_VERSION
+    assert s.schema_version() == schema.SCHEMA_VERSION
     assert s.integrity_check() == "ok"
     s.close()
     again = Store(path)  # reopening applies nothing twice
-    assert again.schema_version() == store_mod.SCHEMA_VERSION
-    assert again._query("SELECT COUNT(*) FROM schema_version")[0][0] == store_mod.SCHEMA_VERSION
+    assert again.schema_version() == schema.SCHEMA_VERSION
+    assert again._query("SELECT COUNT(*) FROM schema_version")[0][0] == schema.SCHEMA_VERSION
     again.close()
 
 
@@ -50,13 +50,13 @@ def test_forward_migration_and_newer_file_refused(tmp_path, monkeypatch):
     s = Store(path)
     s.ensure_workspace("w")
     s.close()
-    monkeypatch.setattr(store_mod, "_MIGRATIONS", store_mod._MIGRATIONS + ["ALTER TABLE workspaces ADD COLUMN colour TEXT"])
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", store_mod.SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + ["ALTER TABLE workspaces ADD COLUMN colour TEXT"])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", schema.SCHEMA_VERSION + 1)
     s = Store(path)
-    assert s.schema_version() == store_mod.SCHEMA_VERSION
+    assert s.schema_version() == schema.SCHEMA_VERSION
     assert "colour" in s.workspace("w")  # the old row survived the migration
     s.close()
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
     with pytest.raises(ValueError, match="newer than this code"):
         Store(path)
 
@@ -178,6 +178,6 @@ def test_the_store_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, rlhf_core.store, rlhf_core.records; print('torch' in sys.modules)"
+    code = "import sys, rlhf_core.storage.store, rlhf_core.rollout.records; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

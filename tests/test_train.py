@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core.checkpoint import load_checkpoint
+from rlhf_core.training.checkpoint import load_checkpoint
 from rlhf_core.engine import Engine
-from rlhf_core.export import export
-from rlhf_core.records import Trace
-from rlhf_core.logprobs import collate, completion_logps
-from rlhf_core.models import load_model
-from rlhf_core.prompts import build_messages, encode_prompt
-from rlhf_core.store import Store
-from rlhf_core.train import batch_logps, main as train_main, pair_batch, read_preferences, tokenize_pair
+from rlhf_core.storage.export import export
+from rlhf_core.rollout.records import Trace
+from rlhf_core.rollout.logprobs import collate, completion_logps
+from rlhf_core.model.models import load_model
+from rlhf_core.rollout.prompts import build_messages, encode_prompt
+from rlhf_core.storage.store import Store
+from rlhf_core.training.train import batch_logps, main as train_main, pair_batch, read_preferences, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -103,7 +103,7 @@ def test_accelerate_two_process_cpu_run_writes_a_checkpoint_the_app_loads(tmp_pa
     cmd = [
         str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "rlhf_core.train", "--cpu", "--model", "tiny-random", "--data", str(data), "--out", str(out),
+        "-m", "rlhf_core.training.train", "--cpu", "--model", "tiny-random", "--data", str(data), "--out", str(out),
         "--epochs", "3", "--batch-size", "2", "--lr", "1e-3", "--beta", "0.5",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -210,7 +210,7 @@ def test_save_load_reset_behind_confirmation(room, tmp_path):
     outs = list(model_tab.confirm(room, asked["session"], True, "after-first"))
     assert room.version == 0 and (tmp_path / "checkpoints" / "after-first" / "manifest.json").is_file()
     assert "Saved policy v1" in outs[-1]["model_status"] and room.unsaved_count() == 0
-    assert [c["name"] for c in room.checkpoints()] == ["after-first"]
+    assert [c["name"] for c in room.policies.checkpoints()] == ["after-first"]
     asked = model_tab.request_load(room, outs[-1]["session"], "after-first")
     assert "nothing is lost" in asked["confirm_message"]
     outs = list(model_tab.confirm(room, asked["session"], False, ""))
@@ -628,7 +628,7 @@ def test_a_restart_serves_at_once_and_replays_in_the_background(tmp_path, monkey
 
 
 def test_the_reward_model_suggests_an_order_and_waits_for_the_clinician(room):
-    from rlhf_core.reward_model import RewardConfig
+    from rlhf_core.reward.reward_model import RewardConfig
 
     room.advisor.config = RewardConfig(min_rankings=2, steps=30)
     for annotator in ("Dr A", "Dr B"):
@@ -652,7 +652,7 @@ def test_the_reward_model_suggests_an_order_and_waits_for_the_clinician(room):
     exported = json.loads(Path(data_tab.export_data(room, "rankings", False, False)["export_file"]).read_text().splitlines()[-1])
     assert exported["suggestion"]["changed_positions"] == 2
     assert [t["reward_score"] for t in exported["traces"][:3]] == [suggestion["scores"][t] for t in moved["batch"]["order"]]
-    from rlhf_core.reward_model import RewardModel
+    from rlhf_core.reward.reward_model import RewardModel
     from ui import reward_panel
 
     view = reward_panel.reward_view(room)  # the Data tab: every version with its held-out accuracy
@@ -675,7 +675,7 @@ def test_groups_the_annotators_dispute_are_queued_for_adjudication():
 
 
 def test_autopilot_trains_on_unranked_cases_labelled_and_stoppable(room):
-    from rlhf_core.reward_model import RewardConfig
+    from rlhf_core.reward.reward_model import RewardConfig
     from ui import autopilot_panel
 
     refused = list(autopilot_panel.run_autopilot(room, 2, "GRPO"))
@@ -690,7 +690,20 @@ def test_autopilot_trains_on_unranked_cases_labelled_and_stoppable(room):
     assert {r["source"] for r in auto} == {"autopilot"} and {r["case_id"] for r in auto} == {sc.OTHER.id}
     assert {r["annotator"] for r in auto} == {"autopilot (reward model v2)"}
     assert sum("autopilot (reward model v2)" in map(str, row) for row in outs[-1]["table"]) == 2
-    events = room.autopilot(5, "grpo")
+    events = room.runner.autopilot(5, "grpo")
     assert next(events)["done"] == 1  # one round done...
     events.close()  # ...then Stop: the current round ends, no other starts
     assert room.version in (3, 4) and room.store.count("rankings", "default") in (5, 6)
+
+
+def test_a_held_out_case_is_marked_and_trains_only_when_confirmed(room):
+    assert room.heldout_ids() == {sc.HELD_OUT.id}  # the Evaluate tab's and the probe's held-out split
+    labels = dict((v, label) for label, v in case_panel.case_choices(room))
+    assert "held out for evaluation" in labels[sc.HELD_OUT.id] and "held out" not in labels[sc.CASE.id]
+    assert "held out for evaluation" in case_panel.pick_case(room, new_session(), sc.HELD_OUT.id)["case_meta"]
+    _, session = generate(room, k=3, case_id=sc.HELD_OUT.id)
+    first = submit(room, session)[-1]
+    assert "held out for evaluation" in first["update_status"] and room.version == 0
+    assert room.store.count("rankings", room.workspace) == 0  # refused before anything was stored
+    second = submit(room, first["session"])[-1]  # the second press confirms
+    assert room.version == 1 and "applied" in second["update_status"]

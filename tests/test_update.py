@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from rlhf_core import cpu_linear
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.update import DPOConfig, GRPOConfig, PolicyTrainer, check_ranking, make_config, rank_rewards, ranking_pairs
+from rlhf_core.model import cpu_linear
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.training.update import DPOConfig, GRPOConfig, PolicyTrainer, check_ranking, make_config, rank_rewards, ranking_pairs
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_repeated_dpo_updates_raise_margin_and_lower_loss(tiny_lm, traces):
         assert all(torch.equal(reference_before[n], p) for n, p in ref.named_parameters())
     assert [t.ref_logps for t in traces] == ref_before
     with torch.no_grad(), tiny_lm.reference() as ref:
-        from rlhf_core.logprobs import collate, completion_logps
+        from rlhf_core.rollout.logprobs import collate, completion_logps
 
         batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
         again = completion_logps(ref, batch)
@@ -146,7 +146,7 @@ def test_grpo_updates_move_probability_toward_higher_ranked(tiny_lm, traces):
     before = sum(traces[best].old_logps) - sum(traces[worst].old_logps)
     for _ in range(4):
         m = trainer.update(traces, ranking, GRPOConfig(steps=2, lr=1e-3, beta=0.0, clip_eps=0.9, clip_eps_high=100.0))
-    from rlhf_core.logprobs import collate, completion_logps
+    from rlhf_core.rollout.logprobs import collate, completion_logps
 
     batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], tiny_lm.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -156,8 +156,8 @@ def test_grpo_updates_move_probability_toward_higher_ranked(tiny_lm, traces):
 
 
 def test_all_equal_grpo_group_gives_zero_advantages_and_no_gradient(tiny_lm, traces):
-    from rlhf_core.logprobs import collate, completion_logps
-    from rlhf_core.losses import group_advantages, grpo_loss
+    from rlhf_core.rollout.logprobs import collate, completion_logps
+    from rlhf_core.training.losses import group_advantages, grpo_loss
 
     advantages = group_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5]))
     assert torch.equal(advantages, torch.zeros(4))
@@ -171,7 +171,7 @@ def test_all_equal_grpo_group_gives_zero_advantages_and_no_gradient(tiny_lm, tra
 def test_non_finite_loss_skips_step_and_leaves_weights(tiny_lm, traces, monkeypatch):
     import json
 
-    import rlhf_core.update as update_mod
+    import rlhf_core.training.update as update_mod
 
     real = update_mod.completion_logps
 
@@ -224,7 +224,7 @@ def test_lora_update_trains_only_the_adapter_and_reference_is_the_base(tiny_lora
     assert m["kl"] > 0 and m["rewards/margins"] > 0
     assert all(torch.equal(base_before[n], p) for n, p in lm.model.named_parameters() if "lora_" not in n)
     assert lm._reference is None  # no second copy of the weights
-    from rlhf_core.logprobs import collate, completion_logps
+    from rlhf_core.rollout.logprobs import collate, completion_logps
 
     batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], lm.tokenizer.pad_token_id, "cpu")
     with lm.reference() as ref:
@@ -247,7 +247,7 @@ def test_config_validation():
 def test_layer_checkpointing_recomputes_each_layer_and_changes_no_number(lora, case):
     """Checkpointed and plain updates must give bit-identical losses and weights;
     the checkpointed one must really run every decoder layer again in backward."""
-    from rlhf_core.models import load_model
+    from rlhf_core.model.models import load_model
 
     results = {}
     for checkpointed in (False, True):
@@ -279,7 +279,7 @@ def test_layer_checkpointing_recomputes_each_layer_and_changes_no_number(lora, c
 
 
 def test_activation_checkpointing_defaults_to_on_only_when_cpu_memory_is_short(monkeypatch, tiny_lm, traces):
-    import rlhf_core.update as update
+    import rlhf_core.training.update as update
 
     cpu = torch.device("cpu")
     assert update.use_activation_checkpointing(DPOConfig(checkpoint_activations=True), cpu)

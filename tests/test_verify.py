@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_core.cases import Case
-from rlhf_core.verify import CODES, Verdict, check_trace, extract_conclusion, normalise_diagnosis
+from rlhf_core.clinical.cases import Case
+from rlhf_core.clinical.verify import CODES, Verdict, check_trace, extract_conclusion, normalise_diagnosis
 
 Q = "What is the most likely diagnosis?"
 

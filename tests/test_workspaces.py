@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from rlhf_core.engine import Engine
-from rlhf_core.export import checkpoint_archive, export_file
-from rlhf_core.generation import SamplingConfig, sample_traces
-from rlhf_core.logprobs import collate, completion_logps
-from rlhf_core.update import DPOConfig
+from rlhf_core.storage.export import checkpoint_archive, export_file
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.rollout.logprobs import collate, completion_logps
+from rlhf_core.training.update import DPOConfig
 
 
 def _samples(engine, case, k=3, seed=0):
@@ -154,7 +154,7 @@ def _weights(engine):
 
 
 def test_a_named_checkpoint_is_never_swapped_between_workspaces(tmp_path, case):
-    from rlhf_core.checkpoint import save_checkpoint
+    from rlhf_core.training.checkpoint import save_checkpoint
 
     eng = Engine("tiny-random", device="cpu", store=tmp_path / "rlhf.sqlite", checkpoint_every=100)
     eng.update(_samples(eng, case), [0, 1, 2], CONFIG, annotator="a")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_core.cases import Case, SafetyInfo
+from rlhf_core.clinical.cases import Case, SafetyInfo
 from ui.backends import ScriptedBackend
 
 CASE = Case(
@@ -34,6 +34,14 @@ OTHER = Case(
     aliases=["appendicitis"],
     distractors=["mesenteric adenitis"],
     specialty="surgery",
+)
+# held out for evaluation by evaluate.split_cases (its id hashes below 0.2); CASE and OTHER train
+HELD_OUT = Case(
+    id="ui-cellulitis",
+    question="A 60-year-old diabetic has a hot, red, tender, spreading area on the shin and a fever. What is the diagnosis?",
+    answer="cellulitis",
+    distractors=["deep vein thrombosis"],
+    specialty="dermatology",
 )
 
 XSS = "<script>window.__pwned=1</script><img src=x onerror=\"window.__pwned=2\">"
@@ -70,5 +78,5 @@ def backend(delay: float = 0.0) -> ScriptedBackend:
 def write_cases(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "ui_cases.jsonl"
-    path.write_text("\n".join(json.dumps(c.to_dict()) for c in (CASE, OTHER)) + "\n")
+    path.write_text("\n".join(json.dumps(c.to_dict()) for c in (CASE, OTHER, HELD_OUT)) + "\n")
     return directory

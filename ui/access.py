@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rlhf_core.models import REGISTRY
+from rlhf_core.model.models import REGISTRY
 
 MODELS_DIR_ENV = "RLHF_MODELS_DIR"
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")

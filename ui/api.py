@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from rlhf_core.generation import SamplingConfig
-from rlhf_core.sampler import RejectionConfig
+from rlhf_core.rollout.generation import SamplingConfig
+from rlhf_core.rollout.sampler import RejectionConfig
 
 from .ranking import RankingError, can_rank_first
 from .rank_tab import DEFAULTS
@@ -50,7 +50,7 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingC
     except ValueError as err:
         raise gr.Error(str(err)) from err
     last = None
-    for last in room.sample(room.case(case_id), sampling, rejection):
+    for last in room.runner.sample(room.case(case_id), sampling, rejection):
         pass
     accepted = [t.to_dict() for t in last.accepted]
     below = [t.to_dict() for t in last.negatives]
@@ -71,7 +71,8 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingC
 
 def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, algorithm: str = "dpo",
                     comments: dict | None = None, beta: float | None = None, lr: float | None = None,
-                    steps: int = 2, loss_type: str | None = None, negatives: bool = True) -> dict:
+                    steps: int = 2, loss_type: str | None = None, negatives: bool = True,
+                    train_heldout: bool = False) -> dict:
     try:
         batch = room.batch(batch_id)
     except KeyError as err:
@@ -87,11 +88,11 @@ def api_rank_update(room, batch_id: str, ranking: list[str], annotator: str, alg
     try:
         config = type(DEFAULTS[algorithm])(**kwargs)
         final = None
-        for final in room.update(batch["traces"], list(ranking), config, annotator=annotator, model_key=batch["model_key"],
+        for final in room.runner.update(batch["traces"], list(ranking), config, annotator=annotator, model_key=batch["model_key"],
                                  comments=dict(comments or {}), acceptance_rate=batch["acceptance_rate"],
                                  generation_id=batch.get("generation_id"),
                                  negatives=(batch.get("negatives") or []) if negatives else [],
-                                 suggestion=batch.get("suggestion")):
+                                 suggestion=batch.get("suggestion"), train_heldout=bool(train_heldout)):
             pass
     except (RankingError, ValueError) as err:
         raise gr.Error(str(err)) from err

@@ -22,7 +22,7 @@ AUTOPILOT_OUTPUTS = ["autopilot_progress", "header", "table", *CHART_OUTPUTS]
 def run_autopilot(room, updates, algorithm: str):
     """Stream the autopilot's rounds into the charts; problems are shown, never raised."""
     try:
-        events = room.autopilot(int(updates), (algorithm or "GRPO").lower())
+        events = room.runner.autopilot(int(updates), (algorithm or "GRPO").lower())
         first = next(events)
     except StopIteration:
         return

@@ -6,8 +6,8 @@ import warnings
 
 import gradio as gr
 
-from rlhf_core.cases import CaseFormatError, load_cases
-from rlhf_core.prompts import case_text
+from rlhf_core.clinical.cases import CaseFormatError, load_cases
+from rlhf_core.rollout.prompts import case_text
 
 from .charts import belief_figure
 from .views import case_meta_html, status_html
@@ -17,13 +17,16 @@ ALL = "All specialties"
 
 
 def case_choices(room, specialty: str | None = None) -> list[tuple[str, str]]:
+    """(label, case id) for the picker; held-out cases say so in their label."""
     out = []
+    heldout = room.heldout_ids()
     for case in room.cases.values():
         if specialty and specialty != ALL and case.specialty != specialty:
             continue
         question = " ".join(case.question.split())
         short = question if len(question) <= 70 else question[:67] + "…"
-        out.append((f"{case.id} · {short}", case.id))
+        mark = " (held out for evaluation)" if case.id in heldout else ""
+        out.append((f"{case.id}{mark} · {short}", case.id))
     return out
 
 
@@ -39,7 +42,8 @@ def pick_case(room, session: dict, case_id: str | None) -> dict:
     if not case_id or case_id not in room.cases:
         return {"session": session, "vignette": "", "case_meta": case_meta_html(None)}
     case = room.case(case_id)
-    return {"session": session, "vignette": case_text(case), "case_meta": case_meta_html(case)}
+    return {"session": session, "vignette": case_text(case),
+            "case_meta": case_meta_html(case, heldout=case.id in room.heldout_ids())}
 
 
 def upload_cases(room, session: dict, path: str | None) -> dict:

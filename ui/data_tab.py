@@ -19,7 +19,7 @@ import os
 
 import gradio as gr
 
-from rlhf_core.export import agreement_summary
+from rlhf_core.storage.export import agreement_summary
 
 from .batch import cards_view, ranking_view, traces_title
 from .generate_tab import CARD_OUTPUTS, CHART_OUTPUTS
@@ -46,7 +46,7 @@ TEMPORARY_DB = ("This session's database is temporary: it is deleted when the ap
 
 def workspace_rows(room) -> list[list]:
     rows = []
-    for w in room.workspaces():
+    for w in room.policies.workspaces():
         version = w.get("version") if w["active"] else w.get("checkpoint_version")
         rows.append([w["name"], w.get("model") or "", w.get("mode") or "", w["rankings"], w["updates"],
                      "" if version is None else version, "●" if w["active"] else ""])
@@ -89,7 +89,7 @@ def data_info_html(room) -> str:
 
 def data_view(room) -> dict:
     """Everything the tab shows, fresh (other sessions may have changed it)."""
-    rows = room.agreement()
+    rows = room.policies.agreement()
     names = [w[0] for w in workspace_rows(room)]
     return {"workspace_table": workspace_rows(room), "workspace_choice": gr.update(choices=names, value=room.workspace),
             "agreement_table": agreement_rows(rows), "agreement_summary": agreement_html(rows),
@@ -125,7 +125,7 @@ def create_workspace(room, session: dict, name: str) -> dict:
     if not name:
         return {"workspace_status": status_html("Enter a name for the new workspace.", "warn")}
     try:
-        room.create_workspace(name)
+        room.policies.create_workspace(name)
     except ValueError as err:
         return {"workspace_status": status_html(f"Could not create workspace: {err}", "error"),
                 "_warning": f"Could not create workspace: {err}"}
@@ -156,7 +156,7 @@ def confirm_workspace_switch(room, session: dict):
     yield {"workspace_confirm_panel": gr.update(visible=False),
            "workspace_status": status_html(f"Opening workspace {name}…", "info")}
     try:
-        info = room.switch_workspace(name)
+        info = room.policies.switch_workspace(name)
     except Exception as err:  # noqa: BLE001 - the previous workspace stays active
         yield {"session": session, "workspace_status": status_html(f"Could not switch: {err}", "error"),
                "_warning": f"Could not switch: {err}"}
@@ -175,7 +175,7 @@ def confirm_workspace_switch(room, session: dict):
 def export_data(room, key: str, exclude_rationalised: bool, all_workspaces: bool) -> dict:
     fmt, label = EXPORTS[key]
     try:
-        path = room.export(fmt, exclude_rationalised=bool(exclude_rationalised), all_workspaces=bool(all_workspaces))
+        path = room.policies.export(fmt, exclude_rationalised=bool(exclude_rationalised), all_workspaces=bool(all_workspaces))
     except (ValueError, OSError) as err:
         return {"export_status": status_html(f"Could not export: {err}", "error"), "_warning": f"Could not export: {err}"}
     with open(path, encoding="utf-8") as fh:
@@ -197,7 +197,7 @@ def _exporter(key: str):
 
 def export_checkpoint(room) -> dict:
     try:
-        path = room.checkpoint_archive()
+        path = room.policies.checkpoint_archive()
     except (ValueError, OSError) as err:
         return {"export_status": status_html(f"Could not package the checkpoint: {err}", "error"),
                 "_warning": f"Could not package the checkpoint: {err}"}
@@ -213,7 +213,7 @@ def import_rankings(room, path: str | None) -> dict:
         return {}
     name = os.path.basename(path)
     try:
-        counts = room.import_rankings(path)
+        counts = room.policies.import_rankings(path)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         message = str(err).replace(str(path), name)
         return {"import_status": status_html(f"Could not import {name}: {message}", "error"),

@@ -90,7 +90,7 @@ def run_eval(room, samples, max_new_tokens):
     """Stream the comparison's progress, then show the result table and the text report."""
     try:
         samples, max_new_tokens = int(samples), int(max_new_tokens)
-        events = room.evaluate(samples=samples, max_new_tokens=max_new_tokens, heldout_fraction=HELDOUT_FRACTION)
+        events = room.runner.evaluate(samples=samples, max_new_tokens=max_new_tokens, heldout_fraction=HELDOUT_FRACTION)
     except (TypeError, ValueError) as err:
         yield {"eval_progress": progress_html("Not started", 0, str(err), "error"), "_warning": str(err)}
         return

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from rlhf_core.checkpoint import read_manifest
+from rlhf_core.training.checkpoint import read_manifest
 
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ARCHIVES_KEPT = 2  # checkpoint .zip downloads kept in the export folder

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from rlhf_core.generation import SamplingConfig
-from rlhf_core.sampler import RejectionConfig
+from rlhf_core.rollout.generation import SamplingConfig
+from rlhf_core.rollout.sampler import RejectionConfig
+from rlhf_core.training.bounds import help_text
 
 from .charts import CHARTS
 from .batch import MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title, with_suggestion
@@ -61,7 +62,7 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
            "traces_title": traces_title(None), **cards_view(None, reset_comments=True), **ranking_view(None)}
     last = None
     try:
-        for last in room.sample(case, sampling, rejection):
+        for last in room.runner.sample(case, sampling, rejection):
             accepted = [t.to_dict() for t in last.accepted]
             yield {"gen_progress": _event_progress(last, k), **live_cards_view(accepted, last.partial_texts, last.phase, k)}
     except Exception as err:  # noqa: BLE001 - shown to the clinician; the engine is left as it was
@@ -95,21 +96,24 @@ def build_generate_controls(ui: dict) -> None:
         ui["generate_button"] = gr.Button("Generate traces", variant="primary", elem_id="generate-button", scale=2)
     with gr.Accordion("Sampling settings", open=False, elem_id="sampling-settings"):
         with gr.Row():
-            ui["k"] = gr.Slider(2, MAX_CARDS, value=DEFAULTS.k, step=1, label="Traces to rank (K)", elem_id="k")
-            ui["max_new_tokens"] = gr.Slider(16, 512, value=DEFAULTS.max_new_tokens, step=16, label="Max new tokens")
+            ui["k"] = gr.Slider(2, MAX_CARDS, value=DEFAULTS.k, step=1, label="Traces to rank (K)", elem_id="k",
+                                info=help_text(RejectionConfig, "k"))
+            ui["max_new_tokens"] = gr.Slider(16, 512, value=DEFAULTS.max_new_tokens, step=16, label="Max new tokens",
+                                             info=help_text(SamplingConfig, "max_new_tokens"))
         with gr.Row():
-            ui["temperature"] = gr.Slider(0.0, 1.5, value=DEFAULTS.temperature, step=0.05, label="Temperature")
+            ui["temperature"] = gr.Slider(0.0, 1.5, value=DEFAULTS.temperature, step=0.05, label="Temperature",
+                                          info=help_text(SamplingConfig, "temperature"))
             ui["budget"] = gr.Slider(2, 48, value=RejectionConfig().budget, step=1, label="Sample budget",
-                                     info="most un-hinted samples drawn to find K verified traces")
+                                     info=help_text(RejectionConfig, "budget"))
         with gr.Row():
             ui["conclusion"] = gr.Radio(
                 list(CONCLUSION_LABELS.values()), value=CONCLUSION_LABELS[DEFAULTS.conclusion], label="Conclusion",
                 elem_id="conclusion-mode",
-                info="how each trace's 'Final diagnosis' line is written; saved with the workspace and every trace",
+                info=help_text(SamplingConfig, "conclusion"),
             )
             ui["negatives"] = gr.Slider(0, MAX_CARDS, value=REJECTION.negatives, step=1, label="Rejected traces below the line",
                                         elem_id="negatives",
-                                        info="trained as worse than every ranked trace; 0 trains on the ranked traces only")
+                                        info=help_text(RejectionConfig, "negatives"))
         ui["rationalise"] = gr.Checkbox(value=True, label="Fill a shortfall with rationalised traces (answer given as a hint; labelled)")
     ui["gen_progress"] = gr.HTML(progress_html("Idle", 0, "pick a case and generate", "idle"), elem_id="generate-progress")
 

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 
-from rlhf_core.store import Store
+from rlhf_core.storage.store import Store
 
 MAX_LIVE_RECORDS = 5000  # in-memory step / generation records kept for the charts
 RUN_BOUNDARIES = ("reset", "loaded", "train")  # checkpoint kinds that replace the policy

@@ -10,7 +10,7 @@ import time
 
 import gradio as gr
 
-from rlhf_core.models import REGISTRY
+from rlhf_core.model.models import REGISTRY
 
 from .access import browser_model_choice
 from .batch import cards_view, ranking_view, traces_title
@@ -24,11 +24,11 @@ CONFIRM_OUTPUTS = ["session", "confirm_panel", "confirm_message"]
 
 
 def models_rows(room) -> list[list[str]]:
-    return [[r[c] for c in MODEL_COLUMNS] for r in room.models()]
+    return [[r[c] for c in MODEL_COLUMNS] for r in room.policies.models()]
 
 
 def checkpoint_choices(room) -> list[tuple[str, str]]:
-    return [(f"{c['name']} · {c['model']} {c['mode']} · v{c['version']} · {c['created']}", c["name"]) for c in room.checkpoints()]
+    return [(f"{c['name']} · {c['model']} {c['mode']} · v{c['version']} · {c['created']}", c["name"]) for c in room.policies.checkpoints()]
 
 
 def model_info_html(room) -> str:
@@ -96,7 +96,7 @@ def _refreshed(room) -> dict:
 def save(room, name: str) -> dict:
     name = (name or "").strip() or f"{room.engine.lm.name.replace('/', '_')}-v{room.version}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        path = room.save(name)
+        path = room.policies.save(name)
     except (ValueError, OSError) as err:
         return {"model_status": status_html(f"Could not save: {err}", "error"), "_warning": f"Could not save: {err}"}
     return {"model_status": status_html(f"Saved policy v{room.version} to {path}", "ok"), **_refreshed(room)}
@@ -118,15 +118,15 @@ def confirm(room, session: dict, save_first: bool, checkpoint_name: str):
     session = {**session, "pending": None}
     try:
         if action["action"] == "switch":
-            info = room.switch_model(action["model"], action["lora"])
+            info = room.policies.switch_model(action["model"], action["lora"])
             session["batch"] = None
             where = f" in workspace {info['workspace']}" if info.get("workspace") else ""
             message = f"Now running {info['model']} ({info['mode']}){where}, policy v{info['version']}."
         elif action["action"] == "reset":
-            room.reset()
+            room.policies.reset()
             message = "Policy reset to the reference (v0)."
         else:
-            manifest = room.load(action["name"])
+            manifest = room.policies.load(action["name"])
             message = f"Loaded checkpoint {action['name']} (policy v{manifest['version']})."
     except Exception as err:  # noqa: BLE001 - the previous policy stays in place
         yield {"session": session, "model_status": status_html(f"Failed: {err}. The previous policy is still loaded.", "error"),

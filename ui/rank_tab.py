@@ -12,15 +12,15 @@ from dataclasses import fields
 
 import gradio as gr
 
-from rlhf_core.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
-from rlhf_core.bounds import effective, help_text
-from rlhf_core.update import DPOConfig, GRPOConfig, OptimConfig, make_config
+from rlhf_core.training.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from rlhf_core.training.bounds import effective, help_text
+from rlhf_core.training.update import DPOConfig, GRPOConfig, OptimConfig, make_config
 
 from .batch import MAX_CARDS, can_reorder, heads_view, ranking_view
 from .case_panel import belief_view
 from .generate_tab import CHART_OUTPUTS
 from .metrics_panel import metrics_view
-from .ranking import RankingError, move
+from .ranking import HeldOutCase, RankingError, move
 from .views import progress_html, status_html
 from .wiring import engine_event, light_event
 
@@ -96,7 +96,7 @@ def record_only(room, session: dict, annotator: str, use_negatives=True, *commen
     if not batch:
         return refuse("Nothing to rank: generate traces first.")
     try:
-        ranking_id = room.record_ranking(batch["traces"], batch["order"], annotator=annotator,
+        ranking_id = room.runner.record_ranking(batch["traces"], batch["order"], annotator=annotator,
                                          model_key=batch["model_key"], comments=comments_by_trace(batch, comments),
                                          negatives=(batch.get("negatives") or []) if use_negatives else [],
                                          suggestion=batch.get("suggestion"))
@@ -141,16 +141,21 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
     result = record = None
     try:
         negatives = (batch.get("negatives") or []) if use_negatives else []
-        for event in room.update(batch["traces"], batch["order"], config, annotator=annotator,
-                                 model_key=batch["model_key"], comments=by_position,
-                                 acceptance_rate=batch.get("acceptance_rate"), generation_id=batch.get("generation_id"),
-                                 negatives=negatives, suggestion=batch.get("suggestion")):
+        confirmed = session.get("confirm_heldout") == batch.get("case_id")  # the second press on a held-out case
+        for event in room.runner.update(batch["traces"], batch["order"], config, annotator=annotator,
+                                        model_key=batch["model_key"], comments=by_position,
+                                        acceptance_rate=batch.get("acceptance_rate"),
+                                        generation_id=batch.get("generation_id"), negatives=negatives,
+                                        suggestion=batch.get("suggestion"), train_heldout=confirmed):
             if event["kind"] == "step":
                 n = event["step"] + 1
                 yield {"update_progress": progress_html(f"{config.algorithm.upper()} step {n}/{steps_total}", n / steps_total,
                                                         f"loss {_num(event['loss'])}"), **metrics_view(room)}
             else:
                 result, record = event["result"], event["ranking"]
+    except HeldOutCase as err:
+        yield {**refuse(str(err)), "session": {**session, "confirm_heldout": err.case_id}}
+        return
     except RankingError as err:
         yield refuse(str(err))
         return

@@ -15,16 +15,27 @@ class RankingError(ValueError):
     """A ranking that cannot be submitted; the message says why, for the clinician."""
 
 
+class HeldOutCase(RankingError):
+    """An update asked for on a case held out for evaluation, without the clinician's confirmation."""
+
+    def __init__(self, case_id: str):
+        self.case_id = case_id
+        super().__init__(
+            f"Case {case_id} is held out for evaluation: the Evaluate tab's A/B and the probe's held-out line "
+            "score it, and training on it makes them less honest. Submit again to train on it anyway "
+            "(“Record ranking only” stores the ranking without training).")
+
+
 def _safety_module():
     try:
-        from rlhf_core import safety
+        from rlhf_core.clinical import safety
     except ImportError:  # pragma: no cover - the safety checker ships with the engine
         return None
     return safety
 
 
 def safety_result(safety: dict | None):
-    """A trace's safety dict back as ``rlhf_core.safety.SafetyResult`` (None without the module)."""
+    """A trace's safety dict back as ``rlhf_core.clinical.safety.SafetyResult`` (None without the module)."""
     module = _safety_module()
     if module is None or safety is None:
         return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from rlhf_core.export import checkpoint_archive
+from rlhf_core.storage.export import checkpoint_archive
 
 from .wiring import light_event
 from .views import status_html
@@ -59,7 +59,7 @@ def export_reward_model(room) -> dict:
     out = Path(room.export_dir) / f"{room.workspace}-reward-model-v{latest['version']}-{time.strftime('%Y%m%d-%H%M%S')}.zip"
     path = checkpoint_archive(latest["folder"], out)
     return {"export_file": str(path), "reward_status": status_html(
-        f"Reward model v{latest['version']}: {os.path.basename(path)} (load with rlhf_core.reward_model.RewardModel.load "
+        f"Reward model v{latest['version']}: {os.path.basename(path)} (load with rlhf_core.reward.reward_model.RewardModel.load "
         "on the unzipped folder).", "ok")}
 
 

@@ -6,9 +6,9 @@ import math
 import time
 import uuid
 
-from rlhf_core.export import kendall_tau
-from rlhf_core.records import Trace
-from rlhf_core.reward_data import positions_changed
+from rlhf_core.storage.export import kendall_tau
+from rlhf_core.rollout.records import Trace
+from rlhf_core.reward.reward_data import positions_changed
 
 from .ranking import validate_negatives, validate_order
 

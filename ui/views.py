@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from rlhf_core.cases import Case
+from rlhf_core.clinical.cases import Case
 
 from .ranking import hard_violations, letter
 
@@ -136,7 +136,9 @@ def status_html(message: str, kind: str = "info") -> str:
     return f'<div class="cr-status cr-status-{esc(kind)}">{esc(message)}</div>' if message else ""
 
 
-def case_meta_html(case: Case | None) -> str:
+def case_meta_html(case: Case | None, heldout: bool = False) -> str:
+    """The picked case's facts (specialty, safety facts, the answer behind a fold); ``heldout``
+    marks a case held out for evaluation."""
     if case is None:
         return '<div class="cr-muted">Pick a case to see its vignette.</div>'
     s = case.safety
@@ -148,6 +150,7 @@ def case_meta_html(case: Case | None) -> str:
                ("conditions", ", ".join(s.conditions))]
     flags = [badge("hard", "emergency")] if s.emergency else []
     flags += [badge("warn", "pregnant")] if s.pregnant else []
+    flags += [badge("warn", "held out for evaluation: training on it needs a confirmation")] if heldout else []
     lines = "".join(f"<div><span class='cr-muted'>{esc(k)}:</span> {esc(v)}</div>" for k, v in patient if v)
     return (f'<div class="cr-case-meta"><div>{badge("id", case.id)} {chips} {" ".join(flags)}</div>{lines}'
             f'<details class="cr-answer"><summary>Reference answer</summary><b>{esc(case.answer)}</b>'

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import untrusted
-from .cases import Case, CaseFormatError, case_from_record
-from .records import Trace
+from ..clinical import untrusted
+from ..clinical.cases import Case, CaseFormatError, case_from_record
+from ..rollout.records import Trace
 from .store import Store, content_id
 
 MAX_IMPORT_BYTES = 200 * 1024 * 1024  # files larger than this are refused before reading

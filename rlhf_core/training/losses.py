@@ -12,6 +12,24 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
 
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Log-prob of each whole completion: the masked sum of its per-token log-probs, or with
+    ``average`` their masked mean (what TRL feeds IPO's loss, Eq. 17 of
+    https://arxiv.org/pdf/2310.12036v2.pdf: its DPO trainer divides by the completion length
+    when ``loss_type == "ipo"``).
+
+    Args:
+        logps: [N, T] per-token log-probs (any value at masked positions).
+        mask: [N, T] 1 for tokens that count, 0 for padding and inserted scaffold tokens.
+        average: divide by the number of counted tokens (at least 1).
+
+    Returns:
+        [N] one log-prob per completion.
+    """
+    total = (logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -121,7 +139,12 @@ def grpo_loss(
         beta: weight of the KL penalty.
         loss_type: aggregation: "grpo" = mean over sequences of each sequence's
             masked token mean; "bnpo" = masked sum / mask sum; "dr_grpo" =
-            masked sum / (K * T).
+            masked sum / (K * T). Dr. GRPO (https://arxiv.org/pdf/2503.20783)
+            divides by a constant so that no sequence's length weights its tokens;
+            TRL takes ``max_completion_length`` for T, we take this batch's padded
+            length (the longest of the K traces): each update sees one group, so
+            the constant only rescales the step, and a fixed maximum would shrink
+            short groups' steps for nothing.
 
     Returns:
         loss: scalar.

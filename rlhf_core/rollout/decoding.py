@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_linear import onednn_linear
-from .fastdecode import LlamaDecoder
+from ..model.cpu_linear import onednn_linear
+from ..model.fastdecode import LlamaDecoder
 from .logprobs import token_logps_from_logits
 
 

@@ -313,6 +313,13 @@ class LoadedModel:
             with torch.no_grad():
                 yield self._reference
 
+    def drop_reference(self) -> None:
+        """Free the frozen copy of full fine-tuning (e.g. once every reference log-prob an
+        offline run needs is computed); with LoRA the reference is the base model, kept.
+        ``reference`` and ``reset_to_reference`` cannot be used afterwards."""
+        if self.lora is None:
+            self._reference = self._parked_reference = None
+
     def reset_to_reference(self) -> None:
         """Throw away all training: the policy becomes the reference again."""
         if self.lora is not None:

@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from .cases import Case
+from ..clinical.cases import Case
 from .degenerate import degenerate_reason
-from .generation import GenerationUpdate, SamplingConfig
+from .generation import GenerationUpdate, SamplingConfig, setting
 from .records import Trace
-from .safety import check_safety
-from .verify import check_trace
+from ..clinical.safety import check_safety
+from ..clinical.verify import check_trace
 
 # generate(case, config, hint) -> stream of GenerationUpdate, the last one carrying traces
 GenerateFn = Callable[[Case, SamplingConfig, "str | None"], Iterator[GenerationUpdate]]
@@ -28,21 +28,21 @@ GenerateFn = Callable[[Case, SamplingConfig, "str | None"], Iterator[GenerationU
 class RejectionConfig:
     """How hard to look for verified traces."""
 
-    k: int = 4  # accepted, distinct traces wanted
+    k: int = setting(4, "Accepted, distinct traces wanted (K).")
     # With the constrained conclusion ~22-28% of SmolLM2-135M's un-hinted samples pass
     # (bench/rankable.json): 8 free samples reach K = 4 on a quarter of the cases, 16 on
     # about 60%, so free samples get the larger budget and rationalisation is the last resort.
-    budget: int = 16  # most un-hinted samples to draw for one case
-    rationalise: bool = True  # fill a shortfall with hinted (rationalised) traces
-    rationalise_budget: int = 16  # most hinted samples to draw
-    # Samples decoded together (never fewer than k). Accepted traces per second on
-    # SmolLM2 (2 cores, bench/rankable.py sweep): 4 rows 0.21, 8 rows 0.25-0.27, 16 rows
-    # 0.28; 16 rows take ~20 s where 8 take ~10 s and already reach K on a quarter of
-    # the cases, so the median time to K is the same and 8 shows the first cards sooner.
-    batch: int = 8
-    # rejected traces offered below the line, under every accepted one, as negatives
-    # (so a generation with a single correct conclusion still teaches); 0: none
-    negatives: int = 4
+    budget: int = setting(16, "Most un-hinted samples drawn to find K verified traces.")
+    rationalise: bool = setting(True, "Fill a shortfall with hinted (rationalised) traces, labelled as such.")
+    rationalise_budget: int = setting(16, "Most hinted samples drawn.")
+    # Accepted traces per second on SmolLM2 (2 cores, bench/rankable.py sweep): 4 rows
+    # 0.21, 8 rows 0.25-0.27, 16 rows 0.28; 16 rows take ~20 s where 8 take ~10 s and
+    # already reach K on a quarter of the cases, so the median time to K is the same and
+    # 8 shows the first cards sooner.
+    batch: int = setting(8, "Samples decoded together (never fewer than K).")
+    # so a generation with a single correct conclusion still teaches
+    negatives: int = setting(4, "Rejected traces offered below the line, trained as worse than every ranked "
+                                "trace; 0 trains on the ranked traces only.")
 
     def __post_init__(self) -> None:
         if not 2 <= self.k <= 16:

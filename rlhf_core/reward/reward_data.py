@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .features import decode
+from ..rollout.features import decode
 
 MODEL_RANKED = "autopilot"  # ranking source of traces the reward model ranked itself: never trained on
 
@@ -73,7 +73,7 @@ def rankings_from_store(store, workspace: str) -> RankingSet:
     with fewer than two ranks is skipped). Rankings the reward model made are not used.
     Where several annotators ranked the same traces (``export.agreement``), each one's
     latest ranking is weighted by ``agreement_weight`` and earlier ones by 0."""
-    from .export import agreement
+    from ..storage.export import agreement
 
     rankings = [r for r in store.rankings(workspace) if r["source"] != MODEL_RANKED]
     stored = store.trace_features(workspace, {t for r in rankings for t in r["trace_ids"]})

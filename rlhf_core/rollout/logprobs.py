@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .cpu_linear import onednn_linear
+from ..model.cpu_linear import onednn_linear
 
 # Model types whose LM head is a plain linear map of the decoder's final hidden
 # state (no logit soft-capping or scaling), so log-probs can be computed from

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cases import Case
+from ..clinical.cases import Case
 
 CONCLUSION_MODES = ("constrained", "free")
 LETTERS = "ABCDEFGHIJ"

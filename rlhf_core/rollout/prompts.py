@@ -1,7 +1,7 @@
 """Turning a case into the prompt the model answers."""
 from __future__ import annotations
 
-from .cases import Case
+from ..clinical.cases import Case
 from .conclusion import LETTERS, candidates
 
 # A short structure a small model can finish within its reasoning budget, ending

@@ -1,6 +1,6 @@
 """Offline DPO on exported preferences, distributed by accelerate.
 
-    accelerate launch -m rlhf_core.train --data prefs.jsonl --model smollm2-135m \\
+    accelerate launch -m rlhf_core.training.train --data prefs.jsonl --model smollm2-135m \\
         [--lora] --algorithm dpo --epochs 1 --lr 5e-6 --beta 0.1 --batch-size 4 --out runs/dpo
 
 reads a TRL preference file (``export --format trl`` or ``trl-text``, or any file
@@ -16,7 +16,7 @@ gradients. At the end the main process writes a checkpoint in the app's format
 (``checkpoint.save_checkpoint``), which ``Engine.load`` reads; with ``--db`` it
 is also recorded as the latest checkpoint of ``--workspace``.
 
-Runs as ``python -m rlhf_core.train`` too (one process).
+Runs as ``python -m rlhf_core.training.train`` too (one process).
 
 A batch holds ``--batch-size`` pairs per process: 2 x batch-size sequences,
 prompts left-padded to a common length (with explicit position ids, so a
@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("rlhf_core.train")
+from .losses import sequence_logps
+
+log = logging.getLogger("rlhf_core.training.train")
 
 
 # --------------------------------------------------------------------------- data
@@ -43,7 +45,7 @@ log = logging.getLogger("rlhf_core.train")
 
 def read_preferences(path: str | Path, exclude_rationalised: bool = False) -> list[dict]:
     """Rows with prompt / chosen / rejected from a JSON lines file."""
-    from .importer import read_jsonl_objects
+    from ..storage.importer import read_jsonl_objects
 
     rows = []
     for lineno, row in read_jsonl_objects(path, empty_message="no preference pairs"):
@@ -67,7 +69,7 @@ def _text_of(value, where: str) -> str:
 
 def tokenize_pair(tokenizer, row: dict, max_prompt_tokens: int, max_completion_tokens: int, where: str = "row") -> dict:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} as the app would see them."""
-    from .prompts import encode_prompt
+    from ..rollout.prompts import encode_prompt
 
     prompt = row["prompt"]
     if isinstance(prompt, list):
@@ -123,7 +125,7 @@ def pair_batch(examples: list[dict], pad_id: int, device) -> dict:
 
 def batch_logps(model, batch: dict) -> torch.Tensor:
     """[2B, T] per-token log-probs of the completions (0 at padding); one forward."""
-    from .logprobs import token_logps_from_logits
+    from ..rollout.logprobs import token_logps_from_logits
 
     t = batch["completion_ids"].shape[1]
     out = model(
@@ -138,10 +140,8 @@ def batch_logps(model, batch: dict) -> torch.Tensor:
 
 
 def sequence_scores(logps: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Summed log-probs per sequence (IPO: averaged per token)."""
-    if loss_type == "ipo":
-        return logps.sum(-1) / mask.sum(-1).clamp(min=1)
-    return logps.sum(-1)
+    """Summed log-probs per sequence (IPO: averaged per token), as the online update takes them."""
+    return sequence_logps(logps, mask, average=loss_type == "ipo")
 
 
 # --------------------------------------------------------------------------- training
@@ -149,10 +149,10 @@ def sequence_scores(logps: torch.Tensor, mask: torch.Tensor, loss_type: str) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     from .losses import DPO_LOSS_TYPES
-    from .models import DEFAULT_MODEL
+    from ..model.models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(
-        prog="accelerate launch -m rlhf_core.train",
+        prog="accelerate launch -m rlhf_core.training.train",
         description="Offline DPO on exported preference pairs; writes a checkpoint the app can load.",
     )
     p.add_argument("--data", required=True, help="TRL preference JSONL (export --format trl or trl-text)")
@@ -203,7 +203,7 @@ def _check_args(args) -> None:
 
 def _check_workspace(db: str, workspace: str, model: str, mode: str) -> None:
     """Fail before training if ``--workspace`` already holds a policy of another model or mode."""
-    from .store import Store, check_workspace_name
+    from ..storage.store import Store, check_workspace_name
 
     check_workspace_name(workspace)
     if not Path(db).is_file():
@@ -229,8 +229,8 @@ def _warn_single_cpu_process(accelerator) -> None:
         log.warning(
             "accelerate launch --cpu started a single process: accelerate runs several CPU processes only "
             "through mpirun (--mpirun_hostfile). Without MPI use `accelerate launch --multi_gpu "
-            "--num_processes N -m rlhf_core.train --cpu ...` (torchrun, gloo backend) or "
-            "`torchrun --nproc_per_node N -m rlhf_core.train --cpu ...`."
+            "--num_processes N -m rlhf_core.training.train --cpu ...` (torchrun, gloo backend) or "
+            "`torchrun --nproc_per_node N -m rlhf_core.training.train --cpu ...`."
         )
 
 
@@ -239,9 +239,9 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate.utils import DistributedType, gather_object, set_seed
 
     from .checkpoint import load_into, read_manifest, save_checkpoint
-    from .cpu_linear import onednn_linear
+    from ..model.cpu_linear import onednn_linear
     from .losses import dpo_loss
-    from .models import DEFAULT_MODEL, LoraSettings, load_model
+    from ..model.models import DEFAULT_MODEL, LoraSettings, load_model
     from .update import PolicyTrainer, default_lr
 
     _check_args(args)
@@ -295,8 +295,7 @@ def train(args: argparse.Namespace) -> dict:
     ref = {i: (c, r) for i, c, r in gather_object(ref_local)}
     if len(ref) != len(data):  # pragma: no cover - a gather bug, not a user error
         raise RuntimeError(f"reference scores for {len(ref)} of {len(data)} pairs")
-    if lm.lora is None:
-        lm._reference = lm._parked_reference = None  # the frozen copy is not needed any more
+    lm.drop_reference()  # the frozen copy is not needed any more
     ref_seconds = time.perf_counter() - started
 
     params = lm.trainable_parameters
@@ -403,7 +402,7 @@ def train(args: argparse.Namespace) -> dict:
         }
         save_checkpoint(saver, args.out, extra)
         if args.db:
-            from .store import Store
+            from ..storage.store import Store
 
             store = Store(args.db)
             store.ensure_workspace(args.workspace)

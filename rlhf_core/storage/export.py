@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .cases import Case
-from .prompts import build_messages
+from ..clinical.cases import Case
+from ..rollout.prompts import build_messages
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .models import LoadedModel, LoraSettings, load_model
+from ..model.models import LoadedModel, LoraSettings, load_model
 from .update import PolicyTrainer
 
 MANIFEST = "manifest.json"

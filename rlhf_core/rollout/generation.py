@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
-from .cases import Case
+from ..clinical.cases import Case
 from .conclusion import (
     CANDIDATE_SCORES, CONCLUSION_MODES, SCAFFOLD_TEXT, Concluder, can_constrain, candidate_probs, candidate_scores,
     candidates, choose_candidate, conclusion_record,
@@ -23,39 +23,44 @@ from .conclusion import (
 from .decoding import open_decoding, sample_next, score_continuations
 from .features import encode as encode_features, pool_hidden
 from .logprobs import collate, completion_logps, token_logps_from_logits
-from .models import LoadedModel
+from ..model.models import LoadedModel
 from .prompts import build_messages, encode_prompt
 from .records import Trace
+
+
+def setting(default, help: str):
+    """A config field documented once, where it is defined (TRL's ``field(metadata={"help": ...})``);
+    the UI reads its help text from here (``bounds.help_text``)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class SamplingConfig:
     """How traces are drawn."""
 
-    k: int = 4  # traces per batch
-    # tokens of reasoning a row may write; in the constrained mode the conclusion
-    # (the label if we insert it, and the chosen candidate) comes on top of these.
+    k: int = setting(4, "Traces decoded together in one batch.")
     # 128: on SmolLM2 about half the rows end their reasoning on their own within it
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0 means greedy decoding
-    top_p: float = 0.95  # nucleus sampling mass
-    seed: int | None = None  # same seed, same weights -> same traces
-    stream_every: int = 4  # tokens between streamed text updates
-    lean_decode: bool = True  # Llama models on CPU: packed-weight float32 decoding step, same logits to ~1e-5 (fastdecode.py)
-    # "constrained": the conclusion is the candidate the model's own probabilities pick
-    # (conclusion.py); "free": the model writes its own conclusion
-    conclusion: str = "constrained"
-    # how candidates are scored in the constrained mode: "per_token" (mean log-prob of
-    # the conclusion's tokens) or "sequence" (their sum); conclusion.candidate_scores
-    conclusion_score: str = "per_token"
-    # a row's end token is not drawn before this many reasoning tokens (Hugging Face's
-    # min_new_tokens): the default model otherwise often stops after a few words, and
-    # a conclusion with no reasoning before it is rejected as degenerate (capped at max_new_tokens)
-    min_reasoning_tokens: int = 32
-    # store the reference's pooled hidden states with each trace (features.py), which the
-    # reward model learns from: free where the reference pass runs anyway, one extra
-    # teacher-forced pass while the policy is still the reference (version 0)
-    reward_features: bool = True
+    max_new_tokens: int = setting(128, "Most tokens of reasoning a trace may write; in the constrained mode the "
+                                       "conclusion comes on top of them.")
+    temperature: float = setting(0.8, "Sampling temperature (0: greedy decoding).")
+    top_p: float = setting(0.95, "Nucleus sampling: the probability mass the next token is drawn from.")
+    seed: int | None = setting(None, "Same seed, same weights: the same traces.")
+    stream_every: int = setting(4, "Tokens between streamed text updates.")
+    lean_decode: bool = setting(True, "Llama models on CPU: the packed-weight float32 decoding step (fastdecode.py; "
+                                      "same logits to ~1e-5).")
+    conclusion: str = setting("constrained", "How each trace's 'Final diagnosis' line is written: constrained (the "
+                                             "candidate the model's own probabilities pick) or free (the model writes "
+                                             "it); saved with the workspace and every trace.")
+    conclusion_score: str = setting("per_token", "How candidates are scored in the constrained mode: per_token (mean "
+                                                 "log-prob of the conclusion's tokens) or sequence (their sum).")
+    # the default model otherwise often stops after a few words, and a conclusion with
+    # no reasoning before it is rejected as degenerate
+    min_reasoning_tokens: int = setting(32, "No end token before this many reasoning tokens (Hugging Face's "
+                                            "min_new_tokens; capped at max_new_tokens).")
+    # free where the reference pass runs anyway; one extra teacher-forced pass while the
+    # policy is still the reference (version 0)
+    reward_features: bool = setting(True, "Store the reference's pooled hidden states with each trace "
+                                          "(features.py), which the reward model learns from.")
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_reasoning_tokens <= 4096:

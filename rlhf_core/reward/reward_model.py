@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bounds import Range, check_fields, knob
-from .features import decode
-from .losses import plackett_luce_loss
+from ..training.bounds import Range, check_fields, knob
+from ..rollout.features import decode
+from ..training.losses import plackett_luce_loss
 from .reward_data import RankingSet, folds, mean_kendall_tau, pairwise_accuracy
 
 REWARD_HEADS = ("linear", "mlp")

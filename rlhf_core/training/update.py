@@ -13,11 +13,13 @@ from typing import Callable
 import torch
 
 from .bounds import Range, check_fields, knob
-from .cpu_linear import onednn_linear
-from .records import Trace
-from .logprobs import collate, completion_logps
-from .losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean
-from .models import LoadedModel
+from ..model.cpu_linear import onednn_linear
+from ..rollout.records import Trace
+from ..rollout.logprobs import collate, completion_logps
+from .losses import (
+    DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean, sequence_logps,
+)
+from ..model.models import LoadedModel
 
 ALGORITHMS = ("dpo", "grpo")
 
@@ -264,12 +266,7 @@ class PolicyTrainer:
         saved = _snapshot(params, optimizer)  # for the KL guard-rail's rollback
         recompute = use_activation_checkpointing(config, lm.device)
 
-        if config.algorithm == "dpo":
-            chosen, rejected = (torch.tensor(ix, device=lm.device) for ix in ranking_pairs(ranking, ranked))
-        else:
-            rewards = torch.tensor(rank_rewards(ranking, ranked), device=lm.device)
-            advantages = group_advantages(rewards)
-
+        step_loss = OBJECTIVES[config.algorithm](config, ranking, ranked, old_logps, ref_logps, mask)
         lm.model.train(True)
         step_metrics: list[dict] = []
         applied = 0
@@ -280,15 +277,7 @@ class PolicyTrainer:
                 for step in range(config.steps):
                     logps = completion_logps(lm.model, batch, checkpoint_layers=recompute)
                     self.forward_passes += 1
-                    if config.algorithm == "dpo":
-                        loss, metrics = self._dpo_step_loss(logps, ref_logps, mask, chosen, rejected, config)
-                    else:
-                        loss, metrics = grpo_loss(
-                            logps, old_logps, ref_logps, advantages, mask,
-                            clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
-                            beta=config.beta, loss_type=config.loss_type,
-                        )
-                        metrics = {"clip_ratio": metrics["clip_ratio"], "reward": rewards.mean(), "reward_std": rewards.std()}
+                    loss, metrics = step_loss(logps)
                     skipped = not bool(torch.isfinite(loss))
                     grad_norm = float("nan")
                     if not skipped:
@@ -345,13 +334,23 @@ class PolicyTrainer:
         self.forward_passes += 1
         return float(masked_mean(k3_kl(after, ref_logps), mask)), after
 
-    @staticmethod
-    def _dpo_step_loss(logps, ref_logps, mask, chosen, rejected, config: DPOConfig):
-        if config.loss_type == "ipo":  # IPO works on per-token averaged log-probs
-            n = mask.sum(-1).clamp(min=1)
-            seq, ref_seq = logps.sum(-1) / n, ref_logps.sum(-1) / n
-        else:
-            seq, ref_seq = logps.sum(-1), ref_logps.sum(-1)
+
+# The objectives: each turns one ranking into the loss of one optimisation step
+# (alpaca_farm's ``compute_loss`` hook, as plain functions): called once per update
+# with the ranking and the stored log-probs, it returns ``step_loss(logps) -> (loss, metrics)``.
+
+StepLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def dpo_objective(config: DPOConfig, ranking: list[int], ranked: int | None, old_logps: torch.Tensor,
+                  ref_logps: torch.Tensor, mask: torch.Tensor) -> StepLoss:
+    """DPO on every ranked pair (``ranking_pairs``); one forward over the K traces serves them all."""
+    chosen, rejected = (torch.tensor(ix, device=mask.device) for ix in ranking_pairs(ranking, ranked))
+    average = config.loss_type == "ipo"  # IPO works on per-token averaged log-probs
+    ref_seq = sequence_logps(ref_logps, mask, average)
+
+    def step_loss(logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        seq = sequence_logps(logps, mask, average)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             seq[chosen], seq[rejected], ref_seq[chosen], ref_seq[rejected],
             beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
@@ -365,3 +364,22 @@ class PolicyTrainer:
             "logps/rejected": seq[rejected].detach().mean(),
         }
         return losses.mean(), metrics
+
+    return step_loss
+
+
+def grpo_objective(config: GRPOConfig, ranking: list[int], ranked: int | None, old_logps: torch.Tensor,
+                   ref_logps: torch.Tensor, mask: torch.Tensor) -> StepLoss:
+    """GRPO with linear rank rewards (``rank_rewards``), normalised within the group."""
+    rewards = torch.tensor(rank_rewards(ranking, ranked), device=mask.device)
+    advantages = group_advantages(rewards)
+
+    def step_loss(logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=config.clip_eps,
+                                  clip_eps_high=config.clip_eps_high, beta=config.beta, loss_type=config.loss_type)
+        return loss, {"clip_ratio": metrics["clip_ratio"], "reward": rewards.mean(), "reward_std": rewards.std()}
+
+    return step_loss
+
+
+OBJECTIVES: dict[str, Callable[..., StepLoss]] = {"dpo": dpo_objective, "grpo": grpo_objective}
