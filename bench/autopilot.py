@@ -38,7 +38,7 @@ from rlhf_core.generation import SamplingConfig, sample_traces
 from rlhf_core.simulate import SimulationSettings, clinicians_reward_model, play_round, run_simulation
 
 from .common import load_json, machine, save_json, write_readme_block
-from .learning import _paired
+from .learning import _p, _paired
 
 BEGIN, END = "<!-- BEGIN autopilot results -->", "<!-- END autopilot results -->"
 KEYS = ("update", "case_id", "version", "loss", "acceptance_rate", "probe/heldout_p_correct", "probe/kl", "seconds")
@@ -105,13 +105,11 @@ def readme_block(result: dict, png: str | None) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for name, arm in (("clinician-ranked", c), ("autopilot (reward model)", a)):
         h = arm["heldout"]
-        p = "n/a" if h["wilcoxon_p"] is None else f"{h['wilcoxon_p']:.3g}"
         lines.append(f"| {name} | {h['mean_before']:.4f} | {h['mean_after']:.4f} | {h['mean_change']:+.4f} | "
-                     f"{h['improved']}/{h['n']} | {p} |")
+                     f"{h['improved']}/{h['n']} | {_p(h['wilcoxon_p'])} |")
     vs = result["autopilot_vs_clinician"]
-    p = "n/a" if vs["wilcoxon_p"] is None else f"{vs['wilcoxon_p']:.3g}"
     lines += ["", f"Autopilot minus clinician, final held-out P(correct): {vs['mean_autopilot_minus_clinician']:+.4f} "
-                  f"({vs['autopilot_higher']}/{vs['n']} cases higher), Wilcoxon p = {p}."]
+                  f"({vs['autopilot_higher']}/{vs['n']} cases higher), Wilcoxon p = {_p(vs['wilcoxon_p'])}."]
     if png:
         lines += ["", f"![autopilot vs clinician probe curves]({png})"]
     return "\n".join(lines)

@@ -236,6 +236,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m rlhf_core`` parser: one subcommand per action, each with its handler as ``func``."""
     parser = argparse.ArgumentParser(prog="python -m rlhf_core", description="RLHF control room engine")
     sub = parser.add_subparsers(dest="command", required=True)
     default_db = _default_db()
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); returns the exit status (2 after an error)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser, so `train --help` and every option pass through

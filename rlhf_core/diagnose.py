@@ -159,4 +159,5 @@ def format_report(report: dict, per_case: bool = True) -> str:
 
 
 def write_report(report: dict, path: str | Path) -> None:
+    """Write the report to ``path`` as indented JSON."""
     Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

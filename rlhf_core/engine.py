@@ -94,10 +94,12 @@ class Engine:
 
     @property
     def lm(self) -> LoadedModel:
+        """The loaded policy, its tokenizer and its reference (``trainer.lm``)."""
         return self.trainer.lm
 
     @property
     def version(self) -> int:
+        """The policy's version (``trainer.version``): bumped once per update that changed its weights."""
         return self.trainer.version
 
     @property
@@ -107,6 +109,7 @@ class Engine:
 
     @property
     def mode(self) -> str:
+        """``"lora"`` when the policy is a LoRA adapter, else ``"full"``."""
         return "lora" if self.lm.lora is not None else "full"
 
     def conclusion_mode(self, choice: str | None = None) -> str:

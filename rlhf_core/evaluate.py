@@ -367,6 +367,7 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> None:
+    """Write the result to ``path`` as indented JSON."""
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
         fh.write("\n")

@@ -81,6 +81,8 @@ class CaseLibrary(Mapping):
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> "CaseLibrary":
+        """The library of ``directory`` (default: the bundled one); the built-in cases when it is
+        missing, unreadable or empty."""
         return cls(*load_case_library(directory))
 
     def __getitem__(self, case_id: str) -> Case:
@@ -99,6 +101,7 @@ class CaseLibrary(Mapping):
         return self._cases[case_id]
 
     def specialties(self) -> list[str]:
+        """The specialties of the library's cases, sorted, each once."""
         return sorted({c.specialty for c in self._cases.values()})
 
     def add(self, cases: list[Case]) -> list[Case]:

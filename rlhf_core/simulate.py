@@ -157,6 +157,7 @@ def clinicians_reward_model(engine: Engine, advisor=None):
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    """Write ``rows`` to ``path`` as JSON lines (replacing the file)."""
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")

@@ -72,14 +72,17 @@ class FieldContext:
         self.path, self.pos, self.unit = path, pos, unit
 
     def error(self, problem: str) -> CaseFormatError:
+        """A ``CaseFormatError`` for ``problem`` at this file and position, to raise."""
         return CaseFormatError(self.path, problem, self.pos, self.unit)
 
     def warn(self, problem: str) -> None:
+        """Warn (``CaseFormatWarning``) about ``problem`` at this file and position."""
         warnings.warn(f"{self.path}: {self.unit} {self.pos}: {problem}", CaseFormatWarning,
                       stacklevel=4)
 
     @property
     def derived_id(self) -> str:
+        """The id of a record that has none: the file's stem and its position (``cases-L3``, ``cases-R3``)."""
         return f"{self.path.stem}-{'R' if self.unit == 'row' else 'L'}{self.pos}"
 
 
@@ -362,6 +365,7 @@ def medmcqa_cop(value: Any, ctx: FieldContext) -> int | str | None:
 
 
 def record_to_case(rec: dict, ctx: FieldContext, cop_base: int) -> Case:
+    """One record -> a checked ``Case``; a MedMCQA ``cop`` counts options from ``cop_base`` (0 or 1)."""
     question = _text(rec.get("question"), "question", ctx, required=True)
     is_medmcqa = any(k in rec for k in MEDMCQA_OPTION_KEYS)
     if is_medmcqa:

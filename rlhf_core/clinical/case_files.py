@@ -23,6 +23,7 @@ def _count_check(n: int, path: Path, pos: int, unit: str) -> None:
 
 
 def json_lines_records(text: str, path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line of a JSON lines text."""
     records = []
     # split on "\n" only: str.splitlines would also break on U+2028 etc. inside strings
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -92,6 +93,7 @@ def json_array_records(text: str, path: Path) -> list[tuple[int, Any]]:
 
 
 def json_file_records(text: str, path: Path) -> list[tuple[int, Any]]:
+    """(line number, object) records of a ``.json`` text: an array's elements, JSON lines, or one document."""
     stripped = text.lstrip()
     if stripped.startswith("["):
         return json_array_records(text, path)
@@ -123,6 +125,7 @@ def _unusable_json(exc: BaseException) -> str:
 
 
 def csv_records(text: str, path: Path) -> list[tuple[int, Any]]:
+    """(row number, {column: text}) for every non-blank row after the header (columns cleaned, lower case)."""
     # strict: an unterminated quote is an error instead of silently swallowing the
     # rest of the file into one field (which would drop every later row)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -158,6 +161,8 @@ def csv_records(text: str, path: Path) -> list[tuple[int, Any]]:
 
 
 def read_case_text(path: Path) -> str:
+    """The text of a case file, refused unless its extension is supported, it fits ``MAX_FILE_BYTES``,
+    it is UTF-8 (leading BOMs dropped) and it is not empty."""
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
         raise CaseFormatError(path, f"unsupported file extension {ext or '(none)'!r} "

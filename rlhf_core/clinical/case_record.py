@@ -23,6 +23,7 @@ class SafetyInfo:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SafetyInfo":
+        """The ``SafetyInfo`` of a ``to_dict`` dict (None or missing keys: the defaults)."""
         data = data or {}
         return cls(
             conditions=[str(x) for x in data.get("conditions", [])],
@@ -34,6 +35,7 @@ class SafetyInfo:
         )
 
     def to_dict(self) -> dict:
+        """The safety facts as a JSON-ready dict (the inverse of ``from_dict``)."""
         return {
             "conditions": list(self.conditions),
             "allergies": list(self.allergies),
@@ -62,9 +64,11 @@ class Case:
 
     @property
     def is_multiple_choice(self) -> bool:
+        """True when the case has options to choose from."""
         return bool(self.options)
 
     def to_dict(self) -> dict:
+        """The case as a JSON-ready dict (the inverse of ``from_dict``)."""
         return {
             "id": self.id,
             "question": self.question,
@@ -81,6 +85,7 @@ class Case:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Case":
+        """The ``Case`` of a ``to_dict`` dict (missing optional fields: the defaults)."""
         return cls(
             id=str(data["id"]),
             question=str(data["question"]),

@@ -109,6 +109,7 @@ _HYPOTHETICAL_RE = re.compile(
 
 
 def clean_line(line: str) -> str:
+    """``line`` without markdown emphasis or leading quote, heading, bullet and number markers, stripped."""
     return _LINE_PREFIX_RE.sub("", strip_markdown(line)).strip()
 
 
@@ -269,11 +270,14 @@ _AFTER_FILLER_RE = re.compile(
 
 @dataclass
 class Analysis:
+    """The decision on one conclusion phrase: a verifier code and the detail for its reason."""
+
     code: str
     detail: str = ""  # extra words for the reason
 
 
 def split_pieces(text: str) -> list[str]:
+    """The pieces of a phrase between commas, semicolons, colons, spaced dashes and "but"-like words."""
     parts = re.split(r"\s*(?:[,;:]|\s-\s|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bwhereas\b)\s*", text, flags=re.I)
     return [p.strip() for p in parts if p and p.strip()]
 

@@ -71,6 +71,7 @@ _SPACES_RE = re.compile(r"\s+")
 
 
 def strip_markdown(text: str) -> str:
+    """``text`` without markdown emphasis marks (* _ ` ~) or HTML emphasis tags (b, i, em, strong, u)."""
     return _MD_EMPH_RE.sub("", _HTML_EMPH_RE.sub("", text))
 
 
@@ -246,17 +247,21 @@ _TYPE_RE = re.compile(r"type\d+")
 
 
 def is_qualifier(tok: str) -> bool:
+    """Whether a name token is a qualifier (acute, left, severe, type1, ...) rather than content."""
     return tok in _QUALIFIERS or _TYPE_RE.fullmatch(tok) is not None
 
 
 @dataclass(frozen=True)
 class DiagnosisName:
+    """A diagnosis phrase as its content tokens, in order, and its qualifier tokens, sorted."""
+
     content: tuple[str, ...]
     quals: tuple[str, ...]  # sorted multiset
 
     @classmethod
     @lru_cache(maxsize=8192)
     def of(cls, text: str) -> "DiagnosisName":
+        """The ``DiagnosisName`` of a phrase (cached)."""
         toks = name_tokens(text)
         return cls(tuple(t for t in toks if not is_qualifier(t)), tuple(sorted(t for t in toks if is_qualifier(t))))
 
@@ -352,6 +357,7 @@ class NameMatcher:
             self.names |= bare
 
     def match(self, phrase: str, extra_quals: Iterable[str] = ()) -> bool:
+        """Whether ``phrase`` names one of ``names`` under the matching rule; ``extra_quals`` count as its own."""
         d = DiagnosisName.of(phrase)
         if not d.content:
             return False
@@ -380,6 +386,7 @@ class NameMatcher:
         return False
 
     def abbreviates(self, paren: str, written: str) -> bool:
+        """Whether ``paren`` is a strict abbreviation of ``written`` or of one of the names as given."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9\-]{1,9}", paren.strip()):
             return False
         if _is_abbrev(paren, _abbrev_words(written)):

@@ -92,6 +92,7 @@ class Violation:
     rule: str | None = None  # the knowledge-table rule id / allergy term, when there is one
 
     def to_dict(self) -> dict:
+        """The violation as a JSON-ready dict."""
         return {
             "kind": self.kind,
             "severity": self.severity,
@@ -116,9 +117,11 @@ class SafetyResult:
 
     @property
     def hard_violations(self) -> tuple[Violation, ...]:
+        """The hard violations, in order."""
         return tuple(v for v in self.violations if v.severity == "hard")
 
     def to_dict(self) -> dict:
+        """The score, ``hard`` and the violations as a JSON-ready dict."""
         return {
             "score": self.score,
             "hard": self.hard,

@@ -18,6 +18,8 @@ SEVERITIES = ("hard", "soft")
 
 @dataclass(frozen=True)
 class DrugInfo:
+    """One drug: its canonical name, aliases, class ids and adult maximum daily dose in mg (None: no ceiling)."""
+
     name: str
     aliases: tuple[str, ...]
     classes: tuple[str, ...]
@@ -26,6 +28,8 @@ class DrugInfo:
 
 @dataclass(frozen=True)
 class DrugClass:
+    """A drug class: its id, the label used in messages, its aliases and its member drugs."""
+
     id: str
     label: str
     aliases: tuple[str, ...]
@@ -34,6 +38,9 @@ class DrugClass:
 
 @dataclass(frozen=True)
 class Rule:
+    """One contraindication rule: the drugs it covers, what triggers it (conditions, current medications,
+    pregnancy; ``require`` any or all of them), its severity and the reason shown."""
+
     id: str
     drugs: frozenset[str]
     classes: frozenset[str]
@@ -51,6 +58,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Forbid:
+    """What an allergy forbids: a drug or a class (the other is None), with the severity and reason."""
+
     drug: str | None
     cls: str | None
     severity: str
@@ -59,6 +68,8 @@ class Forbid:
 
 @dataclass(frozen=True)
 class AllergyEntry:
+    """An allergy term with its aliases, what it forbids (cross-reactivity) and its compiled matcher."""
+
     term: str
     aliases: tuple[str, ...]
     forbids: tuple[Forbid, ...]
@@ -67,6 +78,8 @@ class AllergyEntry:
 
 @dataclass(frozen=True)
 class Mention:
+    """A drug or class name found in a text: its span [start, end), the text, and what it names."""
+
     start: int
     end: int
     text: str
@@ -134,9 +147,11 @@ class SafetyKnowledge:
         return out
 
     def classes_of(self, drug: str) -> tuple[str, ...]:
+        """The class ids of the canonical drug ``drug``."""
         return self.drugs[drug].classes
 
     def display(self, mention: Mention) -> str:
+        """The mention as messages name it: the drug (with the alias written, if another), or the class label."""
         if mention.drug is not None:
             if norm_key(mention.text).rstrip("s") in (norm_key(mention.drug), norm_key(mention.drug).rstrip("s")):
                 return mention.drug

@@ -362,6 +362,8 @@ def _retracted(text: str, clause: tuple[int, int], clauses: list[tuple[int, int]
 
 
 def read_trace(text: str, kb: SafetyKnowledge, current_drugs: set[str]) -> list[Reading]:
+    """Every drug/class mention in ``text`` with its status (recommended, avoided or descriptive), clause
+    and dose; a bare mention of one of ``current_drugs`` without a dose is descriptive."""
     mentions = kb.find_mentions(text)
     if not mentions:
         return []

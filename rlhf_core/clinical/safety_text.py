@@ -48,6 +48,7 @@ def term_regex(terms: Iterable[str], *, acronyms_exact: bool) -> re.Pattern | No
 
 
 def word_count(text: str) -> int:
+    """How many words (runs of ASCII letters and digits) ``text`` holds."""
     return len(re.findall(r"[A-Za-z0-9]+", text))
 
 

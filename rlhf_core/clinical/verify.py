@@ -45,6 +45,7 @@ class Verdict:
     code: str  # one of CODES
 
     def to_dict(self) -> dict:
+        """The verdict as a JSON-ready dict."""
         return asdict(self)
 
 

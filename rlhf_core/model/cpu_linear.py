@@ -47,6 +47,7 @@ class OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] @ weight[out, in].T (+ bias), keeping what ``backward`` needs."""
         # a frozen weight (a LoRA base layer) needs no input kept for its gradient
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
@@ -54,6 +55,7 @@ class OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        """The gradients of x, weight and bias (None for those that need none)."""
         x, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])  # [M, out]
         grad_x = grad_weight = grad_bias = None

@@ -298,6 +298,7 @@ class LoadedModel:
 
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The policy's parameters that require grad (only the adapter's with LoRA)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @contextlib.contextmanager

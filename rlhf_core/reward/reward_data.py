@@ -32,6 +32,7 @@ class RankingSet:
         return len(self.case_ids)
 
     def subset(self, rows) -> "RankingSet":
+        """The rankings at indices ``rows``, in that order, as a new ``RankingSet``."""
         rows = list(rows)
         return RankingSet(self.features[rows], self.ranks[rows], [self.case_ids[i] for i in rows],
                           [self.ranking_ids[i] for i in rows], [self.trace_ids[i] for i in rows],

@@ -28,6 +28,7 @@ class RankingAdvisor:
         self._models: dict[str, tuple[int, RewardModel | None]] = {}  # workspace -> (rankings seen, model)
 
     def folder(self, workspace: str) -> Path:
+        """Where the workspace's reward-model versions are saved: ``reward_models/<workspace>`` by the database."""
         return self.store.folder / "reward_models" / workspace
 
     def model(self, workspace: str) -> RewardModel | None:

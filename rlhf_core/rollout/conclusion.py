@@ -168,9 +168,11 @@ class Concluder:
         self._free_label_at: list[int | None] = [None] * k  # free mode: row length when the label was written
 
     def decoding(self, i: int) -> bool:
+        """Whether row ``i`` is still reasoning (appending sampled tokens)."""
         return self.states[i].phase == "reasoning"
 
     def all_stopped(self) -> bool:
+        """True when no row is still reasoning."""
         return not any(self.decoding(i) for i in range(self.k))
 
     def concluding(self) -> list[int]:
@@ -189,6 +191,8 @@ class Concluder:
         return out
 
     def next_tokens(self, sampled: list[int]) -> list[int | None]:
+        """The token each row appends for its ``sampled`` one [K]; None for a row no longer decoding
+        or one that stops here to conclude."""
         return [self._reasoning_token(i, sampled[i]) if self.decoding(i) else None for i in range(self.k)]
 
     def conclude(self, i: int, chosen: int, candidate: list[int], probs: list[float]) -> list[int]:

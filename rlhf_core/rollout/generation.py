@@ -93,6 +93,7 @@ class GenerationUpdate:
 
 
 def eos_token_ids(lm: LoadedModel) -> list[int]:
+    """The model's end tokens: the ids its generation config and its tokenizer name, sorted."""
     ids = set()
     for source in (getattr(lm.model, "generation_config", None), lm.tokenizer):
         value = getattr(source, "eos_token_id", None)

@@ -31,8 +31,10 @@ class Trace:
     features: str = ""  # the reference's pooled hidden states (features.encode), for the reward model; "" when none
 
     def to_dict(self) -> dict:
+        """The trace as a JSON-ready dict (the inverse of ``from_dict``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trace":
+        """The ``Trace`` of a ``to_dict`` dict."""
         return cls(**data)

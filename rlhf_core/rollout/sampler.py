@@ -75,6 +75,7 @@ class SamplingReport:
         return self.accepted / self.sampled if self.sampled else 0.0
 
     def to_dict(self) -> dict:
+        """The counts as a JSON-ready dict, with ``acceptance_rate``."""
         data = asdict(self)
         data["rejected_by_reason"] = dict(self.rejected_by_reason)
         data["acceptance_rate"] = self.acceptance_rate
@@ -97,6 +98,8 @@ class SamplerEvent:
 
 @dataclass
 class SamplerResult:
+    """A finished rejection-sampling run: the accepted traces, every trace drawn, the report and the negatives."""
+
     accepted: list[Trace]
     all_traces: list[Trace]
     report: SamplingReport

@@ -19,6 +19,7 @@ from . import schema
 
 
 def repo_root() -> Path:
+    """The repository's root folder (the one holding ``rlhf_core``)."""
     return Path(__file__).resolve().parents[2]
 
 
@@ -116,6 +117,7 @@ class Database:
     # -- plumbing -------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the connection; a ``temporary`` database's folder is deleted too."""
         with self._lock:
             self._conn.close()
         if self._scratch is not None:
@@ -162,6 +164,7 @@ class Database:
             return self._conn.execute(sql, params).fetchall()
 
     def schema_version(self) -> int:
+        """The schema version of the file (0 before the first migration)."""
         with self._lock:
             exists = self._conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
@@ -201,12 +204,15 @@ class Database:
 
     @property
     def folder(self) -> Path:
+        """The folder holding the database file (and its checkpoints)."""
         return self.path.resolve().parent
 
     def checkpoint_root(self) -> Path:
+        """Where the database's checkpoints go: ``checkpoints/`` beside the file."""
         return self.folder / "checkpoints"
 
     def checkpoint_dir(self, workspace: str, version: int) -> Path:
+        """The folder of the workspace's checkpoint at ``version``: ``checkpoints/<workspace>/v<version>``."""
         return self.checkpoint_root() / check_workspace_name(workspace) / f"v{int(version)}"
 
     def _store_path(self, path: str | os.PathLike) -> str:

@@ -265,6 +265,7 @@ def agreement_summary(rows: list[dict]) -> dict:
 
 
 def rows_for(store: Store, fmt: str, workspace: str | None = None, exclude_rationalised: bool = False) -> Iterator[dict]:
+    """The rows of export format ``fmt`` (one of ``FORMATS``) for ``workspace``, or for all when None."""
     if fmt == "trl":
         return pair_rows(store, workspace, exclude_rationalised)
     if fmt == "trl-text":

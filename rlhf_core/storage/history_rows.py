@@ -95,6 +95,8 @@ class HistoryRows:
         }
 
     def updates(self, workspace: str, after_id: int | None = None, include_superseded: bool = False) -> list[dict]:
+        """The workspace's updates, oldest first: only those after ``after_id`` when given, superseded
+        ones only with ``include_superseded``."""
         sql = "SELECT * FROM updates WHERE workspace = ?"
         params: list[Any] = [workspace]
         if after_id is not None:
@@ -105,6 +107,7 @@ class HistoryRows:
         return [self._update_dict(r) for r in self._query(sql + " ORDER BY id", params)]
 
     def last_update_id(self, workspace: str) -> int | None:
+        """The id of the workspace's latest update (superseded or not), or None."""
         row = self._query("SELECT MAX(id) FROM updates WHERE workspace = ?", (workspace,))[0]
         return row[0]
 
@@ -162,6 +165,7 @@ class HistoryRows:
         }
 
     def checkpoints(self, workspace: str, include_deleted: bool = False) -> list[dict]:
+        """The workspace's checkpoint records, oldest first (deleted ones only with ``include_deleted``)."""
         sql = "SELECT * FROM checkpoints WHERE workspace = ?" + ("" if include_deleted else " AND deleted = 0")
         return [self._checkpoint_dict(r) for r in self._query(sql + " ORDER BY id", (workspace,))]
 
@@ -179,10 +183,12 @@ class HistoryRows:
                                           (stored,))}
 
     def path_in_use(self, path: str | os.PathLike) -> bool:
+        """Whether a checkpoint record not marked deleted names ``path``."""
         stored = self._store_path(path)
         return bool(self._query("SELECT 1 FROM checkpoints WHERE path = ? AND deleted = 0", (stored,)))
 
     def mark_checkpoint_deleted(self, checkpoint_id: int) -> None:
+        """Mark a checkpoint record deleted (its folder pruned); it stays in the history."""
         with self._tx() as conn:
             conn.execute("UPDATE checkpoints SET deleted = 1 WHERE id = ?", (checkpoint_id,))
 

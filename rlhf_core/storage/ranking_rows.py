@@ -151,6 +151,7 @@ class RankingRows:
         return ranking_id
 
     def set_ranking_status(self, ranking_id: int, status: str, detail: str | None = None) -> None:
+        """Set a ranking's status (one of ``RANKING_STATUSES``) and detail; ValueError for an unknown ranking."""
         if status not in RANKING_STATUSES:
             raise ValueError(f"status must be one of {RANKING_STATUSES}, got {status!r}")
         with self._tx() as conn:
@@ -213,6 +214,7 @@ class RankingRows:
         return self._ranking_dicts(self._query(sql + " ORDER BY id", params))
 
     def ranking(self, ranking_id: int) -> dict | None:
+        """The ranking ``ranking_id`` as ``rankings`` gives it, or None."""
         found = self._ranking_dicts(self._query("SELECT * FROM rankings WHERE id = ?", (ranking_id,)))
         return found[0] if found else None
 

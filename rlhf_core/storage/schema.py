@@ -114,4 +114,5 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
 def split_sql(script: str) -> list[str]:
+    """The statements of a SQL script: split at each ``;``, stripped, empty ones dropped."""
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -112,10 +112,12 @@ class TraceRows:
         return [self._row_to_trace(r) for r in self._query(sql + " ORDER BY created, rowid", params)]
 
     def trace(self, workspace: str, trace_id: str) -> Trace | None:
+        """The workspace's trace ``trace_id``, in full (token ids and log-probs), or None."""
         rows = self._query("SELECT * FROM traces WHERE workspace = ? AND trace_id = ?", (workspace, trace_id))
         return self._row_to_trace(rows[0]) if rows else None
 
     def count(self, table: str, workspace: str | None = None) -> int:
+        """Rows in ``table``, of ``workspace`` when given (cases and workspaces are shared: all of them)."""
         if table not in ("traces", "rankings", "updates", "checkpoints", "cases", "workspaces"):
             raise ValueError(f"unknown table {table!r}")
         if workspace is None or table in ("cases", "workspaces"):

@@ -37,6 +37,7 @@ class WorkspaceRows:
         return self.workspace(name)
 
     def ensure_workspace(self, name: str = DEFAULT_WORKSPACE) -> dict:
+        """The workspace ``name``, created empty when it does not exist."""
         check_workspace_name(name)
         with self._tx() as conn:
             conn.execute("INSERT OR IGNORE INTO workspaces (name, created) VALUES (?, ?)", (name, now()))
@@ -68,6 +69,7 @@ class WorkspaceRows:
         return merged
 
     def workspace(self, name: str) -> dict | None:
+        """The workspace's row as a dict, or None when there is none of that name."""
         rows = self._query("SELECT * FROM workspaces WHERE name = ?", (name,))
         return dict(rows[0]) if rows else None
 
@@ -136,9 +138,11 @@ class WorkspaceRows:
         return cur.rowcount
 
     def case(self, case_id: str) -> Case | None:
+        """The stored case ``case_id``, or None."""
         rows = self._query("SELECT data FROM cases WHERE case_id = ?", (case_id,))
         return Case.from_dict(json.loads(rows[0]["data"])) if rows else None
 
     def cases(self) -> list[Case]:
+        """Every stored case, by id."""
         return [Case.from_dict(json.loads(r["data"])) for r in self._query("SELECT data FROM cases ORDER BY case_id")]
 

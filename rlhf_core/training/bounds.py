@@ -38,6 +38,7 @@ class Range:
     open_low: bool = False
 
     def describe(self) -> str:
+        """The range in words, e.g. ``a whole number in [1, 64]``."""
         left = "(" if self.open_low else "["
         kind = "a whole number" if self.integer else "a number"
         return f"{kind} in {left}{self.low:g}, {self.high:g}]"

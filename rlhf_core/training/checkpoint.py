@@ -61,6 +61,8 @@ def save_checkpoint(trainer: PolicyTrainer, directory: str | os.PathLike, extra:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of the checkpoint in ``directory``; CheckpointError when it is missing, invalid JSON
+    or another format version."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no {MANIFEST}")

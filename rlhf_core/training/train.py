@@ -148,6 +148,7 @@ def sequence_scores(logps: torch.Tensor, mask: torch.Tensor, loss_type: str) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of offline DPO training."""
     from .losses import DPO_LOSS_TYPES
     from ..model.models import DEFAULT_MODEL
 
@@ -235,6 +236,8 @@ def _warn_single_cpu_process(accelerator) -> None:
 
 
 def train(args: argparse.Namespace) -> dict:
+    """Run offline DPO as ``args`` say and write the checkpoint (recorded in ``--db`` when given); returns
+    the summary: pairs, processes, steps, version, seconds, last step's metrics and ``out``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, gather_object, set_seed
 
@@ -414,6 +417,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train from the command line ``argv``; the main process prints the summary as JSON. Returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

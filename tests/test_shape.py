@@ -1,5 +1,6 @@
-"""rlhf_core's subpackages are layers: each imports only from the layers below it (the
-order the package docstring and ARCHITECTURE.md give), and nothing in it imports the UI."""
+"""The shape of the code: rlhf_core's subpackages are layers (each imports only from the layers
+below it, in the order the package docstring and ARCHITECTURE.md give; nothing imports the UI),
+every public function says what it does, and no module or class outgrows what one can read."""
 import ast
 from pathlib import Path
 
@@ -48,3 +49,30 @@ def test_the_check_sees_imports():
     found = _imports(ROOT / "rollout" / "generation.py")
     assert "rlhf_core.clinical.cases" in found and "rlhf_core.rollout.records" in found
     assert any(t.startswith("rlhf_core.training") for t in _imports(ROOT / "reward" / "reward_model.py"))
+
+
+def test_every_public_function_and_class_says_what_it_does():
+    missing = []
+    for path in sorted(ROOT.rglob("*.py")):
+        def visit(body, prefix=""):
+            for node in body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                    if not ast.get_docstring(node):
+                        missing.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {prefix}{node.name}")
+                    if isinstance(node, ast.ClassDef):
+                        visit(node.body, node.name + ".")
+        visit(ast.parse(path.read_text()).body)
+    assert not missing, "no docstring:\n" + "\n".join(missing)
+
+
+def test_no_module_or_class_grows_past_its_budget():
+    """~400 lines a module and ~250 a class (a little slack), so a newcomer can read one at a time."""
+    too_big = []
+    for path in sorted([*ROOT.rglob("*.py"), *(ROOT.parent / "ui").glob("*.py")]):
+        text = path.read_text()
+        if text.count("\n") > 440:
+            too_big.append(f"{path.relative_to(ROOT.parent)}: {text.count(chr(10))} lines")
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 290:
+                too_big.append(f"{path.relative_to(ROOT.parent)}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, "\n".join(too_big)
