@@ -10,7 +10,7 @@ from rlhf_core.clinical.cases import Case  # noqa: E402
 
 # The tiny random models the tests train need far larger steps than a real model
 # to move measurably: the suite widens those ranges the way an administrator would
-# (bounds.BOUNDS_ENV). tests/test_bounds.py checks the product's own ranges.
+# (bounds.BOUNDS_ENV). tests/training/test_bounds.py checks the product's own ranges.
 TEST_BOUNDS = '{"lr": [1e-12, 0.1], "clip_eps_high": [0.01, 1000], "max_kl": [1e-9, 1e9]}'
 
 

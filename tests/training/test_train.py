@@ -19,7 +19,7 @@ from rlhf_core.rollout.prompts import build_messages, encode_prompt
 from rlhf_core.storage.store import Store
 from rlhf_core.training.train import batch_logps, main as train_main, pair_batch, read_preferences, tokenize_pair
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 

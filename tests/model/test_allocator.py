@@ -53,7 +53,7 @@ def test_use_preferred_allocator_restarts_the_process_once_with_the_library_load
         "use_preferred_allocator()\n"
         f"print('preloaded', os.environ.get('LD_PRELOAD'), os.environ.get('{MARKER}'), sys.argv[1:])\n"
     )
-    env = {"PATH": "/usr/bin:/bin", SWITCH: libm, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {"PATH": "/usr/bin:/bin", SWITCH: libm, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, str(script), "--flag", "x"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
