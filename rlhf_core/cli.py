@@ -50,7 +50,7 @@ def _simulate(args: argparse.Namespace) -> int:
         # without --workspace: "default", or one named after the model and mode when
         # "default" already holds another model's policy
         engine.attach_store(args.db, args.workspace, preferred="default")
-    conclusion = engine.conclusion_mode(args.conclusion)
+    conclusion = engine.workspaces.conclusion_mode(args.conclusion)
     settings = SimulationSettings(
         algorithm=args.algorithm, updates=args.updates, traces=args.traces,
         max_new_tokens=args.max_new_tokens, seed=args.seed, budget=args.budget,

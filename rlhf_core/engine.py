@@ -23,8 +23,7 @@ from typing import Callable, Iterator
 from .clinical.cases import Case
 from .belief import ProbeSet
 from .training.checkpoint import load_into, read_manifest, save_checkpoint
-from .rollout.conclusion import CONCLUSION_MODES
-from .rollout.generation import SamplingConfig, reference_pass, sample_stream
+from .rollout.generation import SamplingConfig, fill_features, sample_stream
 from .rollout.records import Trace
 from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .rollout.sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
@@ -112,17 +111,6 @@ class Engine:
         """``"lora"`` when the policy is a LoRA adapter, else ``"full"``."""
         return "lora" if self.lm.lora is not None else "full"
 
-    def conclusion_mode(self, choice: str | None = None) -> str:
-        """The workspace's conclusion mode (``SamplingConfig.conclusion``): ``choice``
-        when given (and then saved as the workspace's setting), else the saved one,
-        else the default."""
-        if choice is not None:
-            SamplingConfig(conclusion=choice)  # validates
-            self.store.set_workspace_settings(self.workspace, conclusion=choice)
-            return choice
-        saved = self.store.workspace_settings(self.workspace).get("conclusion")
-        return saved if saved in CONCLUSION_MODES else SamplingConfig.conclusion
-
     def describe(self) -> dict:
         """The model, its mode, device, dtype, version and size; the workspace and database."""
         lm = self.lm
@@ -177,7 +165,7 @@ class Engine:
         """Store a ranking without updating the policy (e.g. a second annotator of
         the same traces, for the agreement view). Returns the ranking id."""
         with self.lock:
-            self._fill_features(traces)
+            fill_features(self.lm, traces, reference_is_policy=self._pristine)
             return self.store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
                 policy_version=self.version, ranked=ranked, suggestion=suggestion,
@@ -210,7 +198,7 @@ class Engine:
         """
         with self.lock:
             if ranking_id is None:
-                self._fill_features(traces)
+                fill_features(self.lm, traces, reference_is_policy=self._pristine)
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,
                     case=case, policy_version=self.version, update_config=_config_dict(config), ranked=ranked,
@@ -223,20 +211,6 @@ class Engine:
                 ranked = found["ranked"]
             return self.apply_ranking(ranking_id, traces, ranking, config, on_step, extra_metrics or {},
                                       ranked=ranked, case=case, live=True)
-
-    def _fill_features(self, traces: list[Trace]) -> None:
-        """Give ranked traces that lack them their reward-model features (one reference pass per
-        prompt): sampling skips the pass while the policy is the reference and no reward model
-        needs them yet, so what a clinician ranks is still learnable later."""
-        missing: dict[tuple, list[Trace]] = {}
-        for t in traces:
-            if not t.features and t.completion_ids and t.prompt_ids:
-                missing.setdefault(tuple(t.prompt_ids), []).append(t)
-        for prompt, group in missing.items():
-            _, features = reference_pass(self.lm, list(prompt), [t.completion_ids for t in group], features=True,
-                                         reference_is_policy=self._pristine)
-            for t, f in zip(group, features):
-                t.features = f
 
     def _probe_metrics(self, traces: list[Trace], case: Case | None) -> dict:
         """The probe set scored now (and the ranked case taught to it); {} without one."""

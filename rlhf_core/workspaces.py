@@ -33,6 +33,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .rollout.conclusion import CONCLUSION_MODES
+from .rollout.generation import SamplingConfig
 from .training.checkpoint import CheckpointError, read_manifest, save_checkpoint, verify_recorded
 from .training.update import make_config
 
@@ -179,6 +181,17 @@ class Workspaces:
                 self.open(previous)
                 raise ValueError(f"could not open workspace {name!r}: {err}") from err
             return engine.resume_info
+
+    def conclusion_mode(self, choice: str | None = None) -> str:
+        """The active workspace's conclusion mode (``SamplingConfig.conclusion``): ``choice``
+        when given (and then saved as the workspace's setting), else the saved one, else the default."""
+        engine = self.engine
+        if choice is not None:
+            SamplingConfig(conclusion=choice)  # validates
+            self._store.set_workspace_settings(engine.workspace, conclusion=choice)
+            return choice
+        saved = self._store.workspace_settings(engine.workspace).get("conclusion")
+        return saved if saved in CONCLUSION_MODES else SamplingConfig.conclusion
 
     def claim(self) -> None:
         """Record the loaded model and mode as the active workspace's."""

@@ -212,7 +212,7 @@ class ControlRoom:
 
     def conclusion_mode(self, choice: str | None = None) -> str:
         """The workspace's conclusion mode; a ``choice`` is saved as its setting."""
-        return self.engine.conclusion_mode(choice)
+        return self.engine.workspaces.conclusion_mode(choice)
 
     def default_lr(self) -> float:
         return default_lr(self.engine.lm)

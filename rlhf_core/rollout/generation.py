@@ -129,6 +129,21 @@ def reference_pass(lm: LoadedModel, prompt_ids: list[int], completions: list[lis
     return _rows(logps, completions), [encode_features(row) for row in pooled]
 
 
+def fill_features(lm: LoadedModel, traces: list[Trace], reference_is_policy: bool = False) -> None:
+    """Give the traces that lack them their reward-model features (one reference pass per
+    prompt): sampling skips the pass while the policy is the reference and no reward model
+    needs them yet, so what a clinician ranks is still learnable later."""
+    missing: dict[tuple, list[Trace]] = {}
+    for t in traces:
+        if not t.features and t.completion_ids and t.prompt_ids:
+            missing.setdefault(tuple(t.prompt_ids), []).append(t)
+    for prompt, group in missing.items():
+        _, features = reference_pass(lm, list(prompt), [t.completion_ids for t in group], features=True,
+                                     reference_is_policy=reference_is_policy)
+        for t, f in zip(group, features):
+            t.features = f
+
+
 def reference_logps(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
     """Per-token reference log-probs of each completion (one teacher-forced pass)."""
     return reference_pass(lm, prompt_ids, completions)[0]

@@ -194,7 +194,7 @@ def test_non_finite_loss_skips_step_and_leaves_weights(tiny_lm, traces, monkeypa
 def test_non_finite_stored_log_probs_are_bad_input(tiny_lm, traces, algorithm, bad):
     traces[1].old_logps = [*traces[1].old_logps[:-1], bad]
     before = snapshot(tiny_lm.model)
-    with pytest.raises(ValueError, match=f"trace 1 .*non-finite stored log-probs"):
+    with pytest.raises(ValueError, match="trace 1 .*non-finite stored log-probs"):
         PolicyTrainer(tiny_lm).update(traces, [0, 1, 2, 3], make_config(algorithm, steps=1, lr=1e-2))
     assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters())
 
