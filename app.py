@@ -33,10 +33,11 @@ import signal
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from rlhf_core.model.models import DEFAULT_MODEL
 from ui.autopilot_panel import bind_autopilot_panel, build_autopilot_panel
-from ui.access import ThrottledLogin, exposure_warning
+from ui.access import BackOff, LoginAddressThrottle, ThrottledLogin, exposure_warning
 from ui.api import build_api
 from ui.case_panel import bind_case_panel, build_case_panel
 from ui.data_tab import bind_data_tab, build_data_tab
@@ -128,9 +129,12 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
-def launch(demo: gr.Blocks, **kwargs):
-    """Queue and launch with the app's look (Gradio 6 takes theme and CSS at launch)."""
+def launch(demo: gr.Blocks, address_backoff: BackOff | None = None, **kwargs):
+    """Queue and launch with the app's look (Gradio 6 takes theme and CSS at launch). With a login
+    (``auth=``) failed logins also back off per client address (``LoginAddressThrottle``)."""
     demo.queue(default_concurrency_limit=8)
+    if kwargs.get("auth") is not None:
+        kwargs.setdefault("app_kwargs", {})["middleware"] = [Middleware(LoginAddressThrottle, backoff=address_backoff)]
     return demo.launch(**launch_style(), footer_links=["api"], **kwargs)
 
 

@@ -77,6 +77,29 @@ def test_the_served_app_throttles_logins(tmp_path):
         demo.close()
 
 
+def test_the_served_app_throttles_logins_per_address(tmp_path):
+    """Spraying user names from one address: after its free failures the address waits (429),
+    even for a user name that never failed."""
+    from app import build_app, launch
+
+    from ui.access import BackOff
+
+    demo = build_app("tiny-random", cases_dir=sc.write_cases(tmp_path / "cases"), generate_fn=sc.backend(),
+                     checkpoint_dir=tmp_path / "ckpt")
+    port = _free_port()
+    addresses = BackOff(free_failures=4)
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+           auth=ThrottledLogin([("alice", "s3cret")]), address_backoff=addresses)
+    try:
+        codes = [_post_login(port, f"user{i}", "guess") for i in range(5)]  # a new name each time
+        assert codes[:4] == [400] * 4 and codes[4] == 400 and addresses.retry_after("127.0.0.1") > 0
+        assert _post_login(port, "alice", "s3cret") == 429  # the address is locked, whoever it claims to be
+        addresses.succeeded("127.0.0.1")  # (the wait over)
+        assert _post_login(port, "alice", "s3cret") == 200
+    finally:
+        demo.close()
+
+
 def test_the_browser_may_load_registry_models_hub_ids_and_the_models_folder(tmp_path, monkeypatch):
     monkeypatch.delenv(MODELS_DIR_ENV, raising=False)
     assert browser_model_choice("tiny-random") == "tiny-random"
