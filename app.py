@@ -43,6 +43,7 @@ from ui.case_panel import bind_case_panel, build_case_panel
 from ui.data_tab import bind_data_tab, build_data_tab
 from ui.eval_tab import bind_eval_tab, build_eval_tab
 from ui.generate_tab import bind_generate, build_generate_controls, build_trace_cards, conclusion_setting
+from ui.guide import build_guide
 from ui.metrics_panel import bind_metrics, build_charts
 from ui.model_tab import bind_model_tab, build_model_tab
 from ui.rank_tab import bind_rank, build_rank_panel
@@ -80,6 +81,7 @@ def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: st
         ui["session"] = gr.State(new_session())
         ui["seen_revision"] = gr.State(-1)
         ui["header"] = gr.HTML(header_html(room.describe()), elem_id="header")
+        build_guide(ui)
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Control room", id="control", elem_id="tab-control"):
                 with gr.Row(equal_height=False):

@@ -250,7 +250,10 @@ def test_switch_model_discards_only_after_confirmation(room):
 
 
 def test_case_filter_pick_and_upload_errors_are_shown(room, tmp_path):
-    assert [v for _, v in case_panel.filter_cases(room, "surgery")["case_picker"]["choices"]] == [sc.OTHER.id]
+    surgery = case_panel.filter_cases(room, "surgery")["case_picker"]
+    assert [v for _, v in surgery["choices"]] == [sc.OTHER.id]
+    assert surgery["info"].startswith("1 of 3 cases (surgery)")  # the counter follows the filter
+    assert case_panel.filter_cases(room, case_panel.ALL)["case_picker"]["info"].startswith("3 cases in the library")
     picked = case_panel.pick_case(room, new_session(), sc.CASE.id)
     assert "penicillin" in picked["case_meta"] and picked["session"]["case_id"] == sc.CASE.id
     bad = tmp_path / "bad.jsonl"

@@ -30,11 +30,19 @@ def case_choices(room, specialty: str | None = None) -> list[tuple[str, str]]:
     return out
 
 
+def case_count(room, choices: list[tuple[str, str]], specialty: str | None = None) -> str:
+    """The picker's counter: how many cases it lists (of how many), and how many of those are held out."""
+    total, held = len(room.cases), len(room.heldout_ids() & {value for _, value in choices})
+    if specialty and specialty != ALL and len(choices) != total:
+        return f"{len(choices)} of {total} cases ({specialty}), {held} held out for evaluation"
+    return f"{total} cases in the library, {held} held out for evaluation"
+
+
 def filter_cases(room, specialty: str, current: str | None = None) -> dict:
     """Narrow the picker to one specialty, keeping the picked case when it is in it."""
     choices = case_choices(room, specialty)
     keep = current if current in {value for _, value in choices} else None
-    return {"case_picker": gr.update(choices=choices, value=keep)}
+    return {"case_picker": gr.update(choices=choices, value=keep, info=case_count(room, choices, specialty))}
 
 
 def pick_case(room, session: dict, case_id: str | None) -> dict:
@@ -69,7 +77,8 @@ def upload_cases(room, session: dict, path: str | None) -> dict:
     out.update({
         "upload_status": status_html(text, "warn" if notes else "ok"),
         "specialty": gr.update(choices=[ALL] + room.specialties(), value=ALL),
-        "case_picker": gr.update(choices=case_choices(room), value=first),
+        "case_picker": gr.update(choices=case_choices(room), value=first,
+                                 info=case_count(room, case_choices(room))),
     })
     return out
 
@@ -77,7 +86,7 @@ def upload_cases(room, session: dict, path: str | None) -> dict:
 def build_case_panel(room, ui: dict) -> None:
     ui["specialty"] = gr.Dropdown([ALL] + room.specialties(), value=ALL, label="Specialty", elem_id="specialty-filter")
     ui["case_picker"] = gr.Dropdown(case_choices(room), value=None, label="Case", elem_id="case-picker",
-                                    info=f"{len(room.cases)} cases in the library", filterable=True)
+                                    info=case_count(room, case_choices(room)), filterable=True)
     with gr.Accordion("Upload a case file (.jsonl, .json, .csv)", open=False):
         ui["case_upload"] = gr.File(label="Case file", file_types=[".jsonl", ".ndjson", ".json", ".csv"],
                                     file_count="single", type="filepath", elem_id="case-upload", height=90)

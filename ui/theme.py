@@ -15,6 +15,9 @@ CSS = """
 .cr-title { font-size:1.15rem; font-weight:700; color:#134e4a; }
 .cr-header-facts { display:flex; flex-wrap:wrap; gap:6px; }
 .cr-muted { color:#64748b; font-weight:400; font-size:0.85em; }
+.cr-glossary { display:grid; grid-template-columns:max-content 1fr; gap:4px 14px; font-size:0.88em; margin:0; }
+.cr-glossary dt { font-weight:600; color:#0f766e; }
+.cr-glossary dd { margin:0; color:#334155; }
 .cr-badge { display:inline-block; padding:1px 8px; border-radius:999px; font-size:0.78rem; font-weight:600;
   border:1px solid transparent; white-space:nowrap; }
 .cr-accepted { background:#dcfce7; color:#166534; border-color:#bbf7d0; }
