@@ -710,3 +710,14 @@ def test_a_held_out_case_is_marked_and_trains_only_when_confirmed(room):
     assert room.store.count("rankings", room.workspace) == 0  # refused before anything was stored
     second = submit(room, first["session"])[-1]  # the second press confirms
     assert room.version == 1 and "applied" in second["update_status"]
+
+
+def test_picking_another_case_clears_the_old_traces(room):
+    _, session = generate(room, k=3)
+    assert session["batch"]["case_id"] == sc.CASE.id
+    same = case_panel.pick_case(room, session, sc.CASE.id)
+    assert same["session"]["batch"] is not None and "card0" not in same  # the same case keeps its traces
+    other = case_panel.pick_case(room, session, sc.OTHER.id)
+    assert other["session"]["batch"] is None and other["session"]["case_id"] == sc.OTHER.id
+    assert all(other[f"card{i}"]["visible"] is False for i in range(3)) and other["ranking"]["choices"] == []
+    assert set(other) >= set(case_panel.CLEARED_OUTPUTS)

@@ -83,6 +83,16 @@ def card_view(i: int, trace: dict | None = None, live_text: str | None = None, p
             f"card{i}_comment": gr.update(**comment)}
 
 
+# everything cards_view returns: the card slots, the below-the-line panel, the other rejected traces
+CARD_OUTPUTS = [f"card{i}{part}" for i in range(MAX_CARDS) for part in ("", "_head", "_text", "_comment")] + [
+    "below_html", "rejected_acc", "rejected_html"]
+
+
+def cleared_view() -> dict:
+    """No batch: empty cards, title and ranking (e.g. once another case is picked)."""
+    return {"traces_title": traces_title(None), **cards_view(None, reset_comments=True), **ranking_view(None)}
+
+
 def cards_view(batch: dict | None, reset_comments: bool = False) -> dict:
     """Every card slot for a finished batch: its rankable traces, with their rank."""
     traces = (batch or {}).get("traces") or []

@@ -9,11 +9,13 @@ import gradio as gr
 from rlhf_core.clinical.cases import CaseFormatError, load_cases
 from rlhf_core.rollout.prompts import case_text
 
+from .batch import CARD_OUTPUTS, cleared_view
 from .charts import belief_figure
 from .views import case_meta_html, status_html
 from .wiring import engine_event, light_event
 
 ALL = "All specialties"
+CLEARED_OUTPUTS = ["traces_title", *CARD_OUTPUTS, "ranking", "rank_message"]  # what cleared_view returns
 
 
 def case_choices(room, specialty: str | None = None) -> list[tuple[str, str]]:
@@ -46,12 +48,17 @@ def filter_cases(room, specialty: str, current: str | None = None) -> dict:
 
 
 def pick_case(room, session: dict, case_id: str | None) -> dict:
+    """Show the picked case; the traces of another case are cleared from the cards."""
+    batch = session.get("batch")
+    cleared = {}
+    if batch and batch.get("case_id") != case_id:
+        session, cleared = {**session, "batch": None}, cleared_view()
     session = {**session, "case_id": case_id or None}
     if not case_id or case_id not in room.cases:
-        return {"session": session, "vignette": "", "case_meta": case_meta_html(None)}
+        return {"session": session, "vignette": "", "case_meta": case_meta_html(None), **cleared}
     case = room.case(case_id)
     return {"session": session, "vignette": case_text(case),
-            "case_meta": case_meta_html(case, heldout=case.id in room.heldout_ids())}
+            "case_meta": case_meta_html(case, heldout=case.id in room.heldout_ids()), **cleared}
 
 
 def upload_cases(room, session: dict, path: str | None) -> dict:
@@ -110,7 +117,7 @@ def belief_view(room, session: dict) -> dict:
 def bind_case_panel(room, ui: dict) -> None:
     light_event(ui["specialty"].input, filter_cases, room, ui, ["specialty", "case_picker"], ["case_picker"])
     picked = light_event(ui["case_picker"].change, pick_case, room, ui, ["session", "case_picker"],
-                         ["session", "vignette", "case_meta"])
+                         ["session", "vignette", "case_meta", *CLEARED_OUTPUTS])
     engine_event(picked.then, belief_view, room, ui, ["session"], ["belief"], show_progress="hidden")
     light_event(ui["case_upload"].upload, upload_cases, room, ui, ["session", "case_upload"],
-                ["session", "vignette", "case_meta", "upload_status", "specialty", "case_picker"])
+                ["session", "vignette", "case_meta", "upload_status", "specialty", "case_picker", *CLEARED_OUTPUTS])

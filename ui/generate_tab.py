@@ -8,15 +8,12 @@ from rlhf_core.rollout.sampler import RejectionConfig
 from rlhf_core.training.bounds import help_text
 
 from .charts import CHARTS
-from .batch import MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title, with_suggestion
+from .batch import CARD_OUTPUTS, MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title, with_suggestion
 from .metrics_panel import metrics_view
 from .ranking import letter
 from .views import progress_html, status_html
 from .wiring import engine_event
 
-# everything cards_view returns: the card slots, the below-the-line panel, the other rejected traces
-CARD_OUTPUTS = [f"card{i}{part}" for i in range(MAX_CARDS) for part in ("", "_head", "_text", "_comment")] + [
-    "below_html", "rejected_acc", "rejected_html"]
 CHART_OUTPUTS = [f"chart_{name}" for name in CHARTS]
 OUTPUTS = ["session", "gen_progress", "traces_title", "ranking", "rank_message",
            *CARD_OUTPUTS, "header", "table", *CHART_OUTPUTS]
