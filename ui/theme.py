@@ -15,6 +15,8 @@ CSS = """
 .cr-title { font-size:1.15rem; font-weight:700; color:#134e4a; }
 .cr-header-facts { display:flex; flex-wrap:wrap; gap:6px; }
 .cr-muted { color:#64748b; font-weight:400; font-size:0.85em; }
+/* toasts at the bottom left, over the narrow controls column, never over the charts (right) */
+.toast-wrap { top:auto !important; bottom:var(--size-4) !important; left:var(--size-3) !important; right:auto !important; align-items:start !important; width:min(24rem, 90vw) !important; }
 .cr-glossary { display:grid; grid-template-columns:max-content 1fr; gap:4px 14px; font-size:0.88em; margin:0; }
 .cr-glossary dt { font-weight:600; color:#0f766e; }
 .cr-glossary dd { margin:0; color:#334155; }
