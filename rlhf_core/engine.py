@@ -293,9 +293,10 @@ class Engine:
 
 
 def _as_store(store: Store | str | os.PathLike | None) -> Store:
-    if store is None:
-        return Store.temporary()
-    return store if isinstance(store, Store) else Store(store)
+    """The ``Store`` an engine records in: the one given, one opened on a path, else a temporary one."""
+    if isinstance(store, Store):
+        return store
+    return Store(store) if store else Store.temporary()
 
 
 def _config_dict(config: DPOConfig | GRPOConfig) -> dict:
