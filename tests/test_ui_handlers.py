@@ -569,7 +569,7 @@ def test_eval_handler_returns_a_table_on_tiny_random(room):
     assert "what the model believes (teacher-forced, paired" in final["eval_summary"]
     assert final["eval_table"][0][1] == "0/2" and "Wilson" in final["eval_table"][0][3]  # random bytes never verify
     assert "Fisher" in final["eval_table"][2][-1] and "Fisher exact p" in final["eval_text"]
-    assert "1 held-out case(s) of 2" in final["eval_summary"] and len(room.last_eval["cases"]) == 1
+    assert "1 held-out case(s) of 3" in final["eval_summary"] and len(room.last_eval["cases"]) == 1
     assert eval_tab.show_last(room)["eval_table"] == final["eval_table"]
     bad = list(eval_tab.run_eval(room, 0, 8))
     assert "at least 1" in bad[-1]["_warning"]
