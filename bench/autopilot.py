@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 from rlhf_core.belief import ProbeSet, belief
-from rlhf_core.cases import default_cases_dir, load_library
+from rlhf_core.clinical.cases import default_cases_dir, load_library
 from rlhf_core.engine import Engine
 from rlhf_core.evaluate import split_cases
-from rlhf_core.generation import SamplingConfig, sample_traces
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
 from rlhf_core.simulate import SimulationSettings, clinicians_reward_model, play_round, run_simulation
 
 from .common import load_json, machine, save_json, write_readme_block
@@ -110,6 +110,13 @@ def readme_block(result: dict, png: str | None) -> str:
     vs = result["autopilot_vs_clinician"]
     lines += ["", f"Autopilot minus clinician, final held-out P(correct): {vs['mean_autopilot_minus_clinician']:+.4f} "
                   f"({vs['autopilot_higher']}/{vs['n']} cases higher), Wilcoxon p = {_p(vs['wilcoxon_p'])}."]
+    ends = {name: (arm["history"][0].get("probe/heldout_p_correct"), arm["history"][-1].get("probe/heldout_p_correct"))
+            for name, arm in (("clinician", c), ("autopilot", a))}
+    lines += ["", f"The probe line in the picture (the first {s['probe_heldout']} held-out cases, scored after every "
+                  f"update): clinician {ends['clinician'][0]:.4f} → {ends['clinician'][1]:.4f}, autopilot "
+                  f"{ends['autopilot'][0]:.4f} → {ends['autopilot'][1]:.4f}; KL from the reference after the last "
+                  f"update {c['history'][-1].get('probe/kl', float('nan')):.4f} and "
+                  f"{a['history'][-1].get('probe/kl', float('nan')):.4f} nats/token."]
     if png:
         lines += ["", f"![autopilot vs clinician probe curves]({png})"]
     return "\n".join(lines)
@@ -193,7 +200,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from rlhf_core.allocator import use_preferred_allocator
+    from rlhf_core.model.allocator import use_preferred_allocator
 
     use_preferred_allocator()
     main()
