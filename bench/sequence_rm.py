@@ -37,7 +37,7 @@ def _scores(name: str, scores, data, seconds: float, extra: dict | None = None) 
 def readme_block(result: dict) -> str:
     """README's summary of a run, from its stored result."""
     lines = [f"{result['train_rankings']} training and {result['heldout_rankings']} held-out rankings (split by ranking) "
-             f"of `{result['model']}` traces from `{result['source']}`; {result['machine']}:", "",
+             f"of `{result['model']}` traces (workspace `{result['source'].rsplit(':', 1)[-1]}`); {result['machine']}:", "",
              "| reward model | held-out pairwise accuracy | Kendall's tau | pairs | fit |", "| --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         fit_time = f"{row['fit_seconds'] * 1000:.0f} ms" if row["fit_seconds"] < 1 else f"{row['fit_seconds']:.0f} s"
