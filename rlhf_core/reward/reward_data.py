@@ -149,6 +149,13 @@ def mean_kendall_tau(scores: np.ndarray, ranks: np.ndarray) -> float:
     return float(np.mean(taus)) if taus else float("nan")
 
 
+def ranking_scores(scores: np.ndarray, ranks: np.ndarray) -> dict:
+    """How well [R, K] ``scores`` order R rankings: pairwise accuracy, mean Kendall's tau, pairs, rankings."""
+    accuracy, pairs = pairwise_accuracy(scores, ranks)
+    return {"pairwise_accuracy": accuracy, "kendall_tau": mean_kendall_tau(scores, ranks), "pairs": pairs,
+            "rankings": len(ranks)}
+
+
 def calibration(scores: np.ndarray, ranks: np.ndarray, bins: int = 5) -> list[dict]:
     """Predicted P(better) = sigmoid(r_a - r_b) against how often the pair really was
     ordered that way, per bin of the prediction (each pair counted in both directions)."""

@@ -20,7 +20,7 @@ import torch
 from ..training.bounds import Range, check_fields, knob
 from ..rollout.features import decode
 from ..training.losses import plackett_luce_loss
-from .reward_data import RankingSet, folds, mean_kendall_tau, pairwise_accuracy
+from .reward_data import RankingSet, folds, ranking_scores
 
 REWARD_HEADS = ("linear", "mlp")
 
@@ -144,10 +144,7 @@ def fit(data: RankingSet, config: RewardConfig | None = None) -> RewardModel:
 
 def evaluate(model: RewardModel, data: RankingSet) -> dict:
     """Pairwise accuracy and mean Kendall's tau of ``model`` on ``data``'s rankings."""
-    scores = model.score(data.features)
-    accuracy, pairs = pairwise_accuracy(scores, data.ranks)
-    return {"pairwise_accuracy": accuracy, "kendall_tau": mean_kendall_tau(scores, data.ranks),
-            "pairs": pairs, "rankings": len(data)}
+    return ranking_scores(model.score(data.features), data.ranks)
 
 
 def cross_validated(data: RankingSet, config: RewardConfig | None = None, k: int = 5) -> dict:
@@ -157,6 +154,4 @@ def cross_validated(data: RankingSet, config: RewardConfig | None = None, k: int
         if not train:
             return {"pairwise_accuracy": float("nan"), "kendall_tau": float("nan"), "pairs": 0, "rankings": len(data)}
         scores[test] = fit(data.subset(train), config).score(data.features[test])
-    accuracy, pairs = pairwise_accuracy(scores, data.ranks)
-    return {"pairwise_accuracy": accuracy, "kendall_tau": mean_kendall_tau(scores, data.ranks),
-            "pairs": pairs, "rankings": len(data), "folds": min(k, len(data))}
+    return {**ranking_scores(scores, data.ranks), "folds": min(k, len(data))}
