@@ -88,6 +88,9 @@ CARD_OUTPUTS = [f"card{i}{part}" for i in range(MAX_CARDS) for part in ("", "_he
     "below_html", "rejected_acc", "rejected_html"]
 
 
+CLEARED_OUTPUTS = ["traces_title", *CARD_OUTPUTS, "ranking", "rank_message"]  # what cleared_view returns
+
+
 def cleared_view() -> dict:
     """No batch: empty cards, title and ranking (e.g. once another case is picked)."""
     return {"traces_title": traces_title(None), **cards_view(None, reset_comments=True), **ranking_view(None)}

@@ -9,13 +9,12 @@ import gradio as gr
 from rlhf_core.clinical.cases import CaseFormatError, load_cases
 from rlhf_core.rollout.prompts import case_text
 
-from .batch import CARD_OUTPUTS, cleared_view
+from .batch import CLEARED_OUTPUTS, cleared_view
 from .charts import belief_figure
 from .views import case_meta_html, status_html
 from .wiring import engine_event, light_event
 
 ALL = "All specialties"
-CLEARED_OUTPUTS = ["traces_title", *CARD_OUTPUTS, "ranking", "rank_message"]  # what cleared_view returns
 
 
 def case_choices(room, specialty: str | None = None) -> list[tuple[str, str]]:
@@ -81,19 +80,20 @@ def upload_cases(room, session: dict, path: str | None) -> dict:
         text += f" {len(notes)} note(s): " + "; ".join(notes[:3])
     first = cases[0].id
     out = pick_case(room, session, first)
+    choices = case_choices(room)
     out.update({
         "upload_status": status_html(text, "warn" if notes else "ok"),
         "specialty": gr.update(choices=[ALL] + room.specialties(), value=ALL),
-        "case_picker": gr.update(choices=case_choices(room), value=first,
-                                 info=case_count(room, case_choices(room))),
+        "case_picker": gr.update(choices=choices, value=first, info=case_count(room, choices)),
     })
     return out
 
 
 def build_case_panel(room, ui: dict) -> None:
     ui["specialty"] = gr.Dropdown([ALL] + room.specialties(), value=ALL, label="Specialty", elem_id="specialty-filter")
-    ui["case_picker"] = gr.Dropdown(case_choices(room), value=None, label="Case", elem_id="case-picker",
-                                    info=case_count(room, case_choices(room)), filterable=True)
+    choices = case_choices(room)
+    ui["case_picker"] = gr.Dropdown(choices, value=None, label="Case", elem_id="case-picker",
+                                    info=case_count(room, choices), filterable=True)
     with gr.Accordion("Upload a case file (.jsonl, .json, .csv)", open=False):
         ui["case_upload"] = gr.File(label="Case file", file_types=[".jsonl", ".ndjson", ".json", ".csv"],
                                     file_count="single", type="filepath", elem_id="case-upload", height=90)

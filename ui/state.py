@@ -87,8 +87,7 @@ class ControlRoom:
         self.checkpoint_every = checkpoint_every or checkpoint_every_from_env()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.export_dir = Path(export_dir) if export_dir is not None else default_export_dir()
-        self.persistent = db_path is not None
-        self.store = Store(db_path) if self.persistent else Store.temporary()
+        self.store = Store(db_path) if db_path is not None else Store.temporary()
         self.model_epoch = 1  # bumped when the model (tokenizer) changes
         self.revision = 0  # bumped on every change a browser should re-render
         self.history = ChartHistory(self.store)
@@ -169,6 +168,11 @@ class ControlRoom:
         return engine
 
     # ----------------------------------------------------------------- state
+    @property
+    def persistent(self) -> bool:
+        """The rankings outlive this process (a database file, not ``Store.temporary()``)."""
+        return not self.store.is_temporary
+
     @property
     def workspace(self) -> str:
         return self.engine.workspace
