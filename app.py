@@ -2,7 +2,8 @@
 
 Environment:
     RLHF_MODEL           model to load (default smollm2-135m, bundled)
-    RLHF_LORA            1 / true: train a LoRA adapter instead of all weights
+    RLHF_LORA            1: train a LoRA adapter, 0: every weight; unset: the workspace's own
+                         mode, else LoRA on CPU for models of 100M+ parameters (the default model)
     RLHF_AUTH            require a login: "user:password", several separated by commas
                          (wrong passwords back off per user: 1 s, 2 s, 4 s ... after 3)
     RLHF_MODELS_DIR      folders under it may be loaded as models from the browser
@@ -47,6 +48,7 @@ from ui.guide import build_guide
 from ui.metrics_panel import bind_metrics, build_charts
 from ui.model_tab import bind_model_tab, build_model_tab
 from ui.rank_tab import bind_rank, build_rank_panel
+from ui.settings import lora_from_env
 from ui.state import ControlRoom, new_session
 from ui.theme import launch_style
 from ui.views import header_html
@@ -60,7 +62,7 @@ def prefill_annotator(request: gr.Request):
     return name if name else gr.skip()
 
 
-def build_app(model_name: str = DEFAULT_MODEL, lora: bool = False, cases_dir: str | Path | None = None,
+def build_app(model_name: str = DEFAULT_MODEL, lora: bool | None = None, cases_dir: str | Path | None = None,
               generate_fn=None, checkpoint_dir: str | Path | None = None, room: ControlRoom | None = None,
               db_path: str | Path | None = None, checkpoint_every: int | None = None,
               export_dir: str | Path | None = None, background_replay: bool = False) -> gr.Blocks:
@@ -149,7 +151,7 @@ def main() -> None:
     from rlhf_core.storage.store import default_db_path
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    lora = os.environ.get("RLHF_LORA", "").strip().lower() in ("1", "true", "yes", "on")
+    lora = lora_from_env()
     demo = build_app(os.environ.get("RLHF_MODEL") or DEFAULT_MODEL, lora=lora,
                      cases_dir=os.environ.get("RLHF_CASES_DIR") or None, db_path=default_db_path(),
                      background_replay=True)

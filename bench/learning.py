@@ -1,6 +1,6 @@
 """Does ranking teach? A scripted run, scored by what the model believes.
 
-    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--json-out F] [--png F] [--no-run]
+    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--lora | --full] [--json-out F] [--png F] [--no-run]
 
 Rewrites README's block between the "learning results" markers.
 
@@ -106,7 +106,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--algorithm", default="dpo")
-    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="lora", action="store_const", const=True, default="auto",
+                      help="train a LoRA adapter (default: the app's rule, LoRA on CPU for 100M+ parameters)")
+    mode.add_argument("--full", dest="lora", action="store_const", const=False, help="train every weight")
     parser.add_argument("--probe-taught", type=int, default=3)
     parser.add_argument("--probe-heldout", type=int, default=3)
     parser.add_argument("--eval-samples", type=int, default=2, help="held-out sampled A/B, per case and arm (0: skip)")
@@ -118,7 +121,7 @@ def main(argv=None) -> dict:
         result = load_json(args.json_out)
         write_readme_block(readme_block(result, args.png), BEGIN, END)
         return result
-    engine = Engine(args.model, lora=args.lora or None, device="cpu", dtype="float32")
+    engine = Engine(args.model, lora=args.lora, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
     train, heldout = split_cases(library)
     engine.probe = ProbeSet(heldout=heldout[: args.probe_heldout], max_taught=args.probe_taught)

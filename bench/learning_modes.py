@@ -1,6 +1,6 @@
 """Full fine-tuning against LoRA, per update, on the same scripted run (issue: LoRA by default on CPU?).
 
-    python -m bench.learning --updates 8 --eval-samples 0 --png "" --json-out bench/learning_full.json
+    python -m bench.learning --updates 8 --eval-samples 0 --png "" --json-out bench/learning_full.json --full
     python -m bench.learning --updates 8 --eval-samples 0 --png "" --json-out bench/learning_lora.json --lora
     python -m bench.learning_modes        # README's block between the "learning modes" markers
 

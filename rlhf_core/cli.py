@@ -282,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--autopilot", action="store_true",
                      help="rank with the workspace's reward model (fitted on its clinicians' rankings; verified traces "
                      "first) instead of the scripted clinician; recorded as source 'autopilot'")
-    sim.add_argument("--lora", action="store_true")
+    mode = sim.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="lora", action="store_const", const=True, default="auto",
+                      help="train a LoRA adapter (default on CPU for models of 100M+ parameters)")
+    mode.add_argument("--full", dest="lora", action="store_const", const=False,
+                      help="train every weight (default on a GPU and for small models)")
     sim.add_argument("--device", default=None)
     sim.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     sim.set_defaults(func=_simulate)

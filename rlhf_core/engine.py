@@ -38,7 +38,7 @@ class Engine:
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
-        lora: LoraSettings | bool | None = None,
+        lora: LoraSettings | bool | str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         *,
@@ -49,7 +49,8 @@ class Engine:
         resume: bool = True,
         lock: threading.RLock | None = None,
     ):
-        """``store``: a ``Store`` or a database path (None: ``Store.temporary()``).
+        """``lora``: as ``load_model`` (``"auto"``: an adapter for large models on CPU).
+        ``store``: a ``Store`` or a database path (None: ``Store.temporary()``).
         ``workspace``: the one to open (created if missing; default "default").
         ``checkpoint_every``: save the policy every N updates (replay covers the rest).
         ``keep_checkpoints``: automatic checkpoints kept per workspace (None: all).

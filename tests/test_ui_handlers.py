@@ -446,6 +446,36 @@ def test_restart_shows_the_full_history_and_continues_the_version(tmp_path):
     assert len(again.metrics("update")) == 3 and again.describe()["rankings"] == 3
 
 
+def test_lora_by_default_keeps_a_workspace_trained_with_full_fine_tuning(tmp_path, monkeypatch):
+    """A database from before LoRA became the CPU default: its trained workspace keeps
+    full fine-tuning; an untrained one, and a fresh database, get the default (LoRA here)."""
+    from rlhf_core.model import models
+
+    old = make_room(tmp_path, lora=False)
+    _, session = generate(old, k=3)
+    submit(old, session, steps=1)
+    assert old.describe()["mode"] == "full" and old.version == 1
+    old.close()
+    monkeypatch.setattr(models, "LORA_BY_DEFAULT_FROM", 1)  # tiny-random counts as large
+    reopened = make_room(tmp_path)
+    assert reopened.describe()["mode"] == "full" and reopened.workspace == "default" and reopened.version == 1
+    reopened.close()
+    fresh = make_room(tmp_path, db="other.sqlite")
+    assert fresh.describe()["mode"] == "lora" and fresh.workspace == "default"
+    fresh.close()
+
+
+def test_lora_setting_from_the_environment(monkeypatch):
+    from ui.settings import lora_from_env
+
+    for raw, want in (("", None), ("auto", None), ("1", True), ("ON", True), ("0", False), ("off", False)):
+        monkeypatch.setenv("RLHF_LORA", raw)
+        assert lora_from_env() is want
+    monkeypatch.setenv("RLHF_LORA", "maybe")
+    with pytest.raises(ValueError, match="RLHF_LORA must be 1, 0 or auto, got 'maybe'"):
+        lora_from_env()
+
+
 def test_workspaces_create_switch_and_isolate_history(room, tmp_path):
     _, session = generate(room, k=3)
     session = submit(room, session)[-1]["session"]

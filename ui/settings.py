@@ -36,6 +36,19 @@ def probe_size_from_env(default: tuple[int, int] = PROBE_SIZE) -> tuple[int, int
     return taught, heldout
 
 
+def lora_from_env() -> bool | None:
+    """``$RLHF_LORA``: 1/true/yes/on an adapter, 0/false/no/off full fine-tuning, unset or
+    "auto" the workspace's own mode, else LoRA on CPU for models of 100M+ parameters."""
+    raw = os.environ.get("RLHF_LORA", "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"RLHF_LORA must be 1, 0 or auto, got {raw!r}")
+
+
 def default_export_dir() -> Path:
     """Downloads are written inside Gradio's file cache, so they are served without a copy."""
     from gradio.utils import get_upload_folder

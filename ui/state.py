@@ -29,7 +29,7 @@ from rlhf_core.clinical.cases import Case
 from rlhf_core.engine import Engine
 from rlhf_core.evaluate import split_cases
 from rlhf_core.library import CaseLibrary
-from rlhf_core.model.models import DEFAULT_MODEL
+from rlhf_core.model.models import DEFAULT_MODEL, resolve_spec
 from rlhf_core.storage.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.reward.suggest import RankingAdvisor
 from rlhf_core.training.update import default_lr
@@ -57,7 +57,7 @@ class ControlRoom:
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
-        lora: bool = False,
+        lora: bool | None = None,
         cases_dir: str | Path | None = None,
         generate_fn: GenerateFn | None = None,
         checkpoint_dir: str | Path = "checkpoints",
@@ -70,7 +70,9 @@ class ControlRoom:
         background_replay: bool = False,
         probe_size: tuple[int, int] | None = None,
     ):
-        """``db_path``: the database (None: a temporary one, deleted on ``close``).
+        """``lora``: True for an adapter, False for full fine-tuning, None for the mode the
+        workspace to open was trained in, else the hardware default (``lora_by_default``).
+        ``db_path``: the database (None: a temporary one, deleted on ``close``).
         ``workspace``: the one to open first (default: the one used last, else "default";
         a workspace of another model is never opened: ``Store.workspace_for_model``).
         ``checkpoint_every``: save the policy every N updates (default ``$RLHF_CHECKPOINT_EVERY`` or 10).
@@ -152,12 +154,15 @@ class ControlRoom:
             return not self._restorer.is_alive()
         return True
 
-    def new_engine(self, model: str, lora: bool, preferred: str | None, resume: bool = True) -> Engine:
+    def new_engine(self, model: str, lora: bool | None, preferred: str | None, resume: bool = True) -> Engine:
         """Load ``model`` and open the workspace ``preferred`` when it can use it; when it is
-        another model's, the first workspace of this model and mode, else a new one."""
-        engine = Engine(model, lora=lora, device=self.device, checkpoint_every=self.checkpoint_every, lock=self.lock)
+        another model's, the first workspace of this model and mode, else a new one.
+        ``lora=None``: the mode ``preferred`` was trained in with this model, else "auto"."""
         store, preferred = self.store, preferred or DEFAULT_WORKSPACE
         ws = store.workspace(preferred)
+        if lora is None:
+            lora = self._trained_mode(ws, model)
+        engine = Engine(model, lora=lora, device=self.device, checkpoint_every=self.checkpoint_every, lock=self.lock)
 
         def fits(w: dict) -> bool:
             return (w["model"], w["mode"]) == (engine.lm.name, engine.mode)
@@ -166,6 +171,14 @@ class ControlRoom:
             preferred = next((w["name"] for w in store.workspaces() if fits(w)), preferred)
         engine.attach_store(store, preferred=preferred, resume=resume)
         return engine
+
+    def _trained_mode(self, ws: dict | None, model: str) -> bool | str:
+        """True/False when workspace ``ws`` already holds training of ``model`` (a database
+        from before LoRA became the CPU default keeps its full fine-tuning), else "auto"."""
+        if ws is None or ws["model"] != resolve_spec(model).name or ws["mode"] not in ("lora", "full"):
+            return "auto"
+        trained = self.store.latest_checkpoint(ws["name"]) is not None or self.store.updates(ws["name"])
+        return ws["mode"] == "lora" if trained else "auto"
 
     # ----------------------------------------------------------------- state
     @property

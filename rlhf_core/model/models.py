@@ -334,6 +334,18 @@ class LoadedModel:
         self.model.train(False)
 
 
+# bench.learning_modes (README): on 2 CPU cores SmolLM2-135M with LoRA improved 7 of 8 taught
+# cases in 8 DPO updates (full fine-tuning 5 of 8), 20% faster an update, with a 60 MB
+# checkpoint instead of 1.6 GB; below ~100M parameters full fine-tuning is cheap enough.
+LORA_BY_DEFAULT_FROM = 100_000_000
+
+
+def lora_by_default(n_parameters: int, device_type: str) -> bool:
+    """Whether ``lora="auto"`` trains an adapter: on CPU, for models of at least
+    ``LORA_BY_DEFAULT_FROM`` parameters; on a GPU full fine-tuning is affordable."""
+    return device_type == "cpu" and n_parameters >= LORA_BY_DEFAULT_FROM
+
+
 def _peft_config(lora: LoraSettings):
     from peft import LoraConfig
 
@@ -350,10 +362,13 @@ def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
-    lora: LoraSettings | bool | None = None,
+    lora: LoraSettings | bool | str | None = None,
     park_reference: bool | None = None,
 ) -> LoadedModel:
     """Load a policy and its frozen reference (a model raises ModelUnavailableError if it cannot be had).
+
+    ``lora``: settings or True for an adapter, None/False for full fine-tuning, ``"auto"``
+    for an adapter where ``lora_by_default`` says so (large models on CPU).
 
     ``park_reference`` (full fine-tuning only) keeps the reference copy in a
     temporary file between uses (ParkedParameters); None parks it on CPU,
@@ -366,6 +381,10 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(dev)
+    if lora == "auto":
+        lora = lora_by_default(sum(p.numel() for p in model.parameters()), dev.type)
+    elif isinstance(lora, str):
+        raise ValueError(f"lora must be LoraSettings, True, False, None or 'auto', got {lora!r}")
     lora_settings = LoraSettings() if lora is True else (lora or None)
     reference = parked = None
     if lora_settings is not None:

@@ -74,3 +74,22 @@ def test_lora_reference_is_the_same_module_with_adapter_disabled():
         assert ref is lm.model
     trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_by_default_only_for_large_models_on_cpu():
+    from rlhf_core.model.models import LORA_BY_DEFAULT_FROM, lora_by_default
+
+    assert lora_by_default(134_515_008, "cpu")  # SmolLM2-135M
+    assert not lora_by_default(LORA_BY_DEFAULT_FROM - 1, "cpu")
+    assert not lora_by_default(1_100_048_384, "cuda")  # TinyLlama on a GPU: full fine-tuning is affordable
+
+
+def test_auto_mode_follows_the_parameter_count(monkeypatch):
+    from rlhf_core.model import models
+
+    assert load_model("tiny-random", device="cpu", lora="auto").lora is None  # a few thousand parameters
+    monkeypatch.setattr(models, "LORA_BY_DEFAULT_FROM", 1)
+    lm = load_model("tiny-random", device="cpu", lora="auto")
+    assert lm.lora is not None and all("lora_" in n for n, p in lm.model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="'adapter'"):
+        load_model("tiny-random", device="cpu", lora="adapter")
