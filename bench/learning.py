@@ -81,7 +81,7 @@ def _p(x) -> str:
 def readme_block(result: dict, png: str | None) -> str:
     """README's summary of a run, from its stored result."""
     s = result["settings"]
-    lines = [f"Model `{result['model']}` ({result['mode']} fine-tuning), {result['machine']}: {result['updates']} scripted "
+    lines = [f"Model `{result['model']}` ({'LoRA, the CPU default' if result['mode'] == 'lora' else 'full fine-tuning'}), {result['machine']}: {result['updates']} scripted "
              f"{s['algorithm'].upper()} updates on the training split ({s['traces']} traces ranked each, below-the-line "
              f"negatives on), {result['seconds'] / 60:.0f} min; median update {result['update_seconds_median']:.1f} s, "
              f"probe scoring {result['probe_seconds_median']:.1f} s.", "",
@@ -97,7 +97,11 @@ def readme_block(result: dict, png: str | None) -> str:
         lines += ["", f"Held-out sampled acceptance (`evaluate`): reference {ab['reference']['accepted']}/{ab['reference']['n']}, "
                       f"policy {ab['policy']['accepted']}/{ab['policy']['n']}, Fisher p = {_p(ab['fisher_p'])}."]
     if png:
-        lines += ["", f"![probe curves]({png})"]
+        taught_probe = result.get("probe", {}).get("taught", 3)  # runs before it was recorded used 3
+        lines += ["", f"![probe curves]({png})", "",
+                  f"The chart's taught line is the app's probe: the first {taught_probe} cases taught (one, two, then "
+                  f"{taught_probe} of them over the first versions, hence its first jumps); the table above scores every "
+                  "taught case before and after."]
     return "\n".join(lines)
 
 
@@ -142,6 +146,7 @@ def main(argv=None) -> dict:
     after_heldout = [belief(engine.lm, c)["p_correct"] for c in heldout]
     result = {
         "machine": machine(), "model": args.model, "mode": engine.mode, "settings": asdict(settings),
+        "probe": {"taught": args.probe_taught, "heldout": args.probe_heldout},
         "seconds": seconds, "updates": len(results), "final_version": engine.version,
         "taught": _paired([before_train[c] for c in taught], [after_train[c] for c in taught]),
         "untaught_train": _paired([before_train[c.id] for c in train if c.id not in after_train],
