@@ -31,7 +31,7 @@ from .model.cpu_linear import onednn_linear
 from .rollout.decoding import score_continuations
 from .rollout.records import Trace
 from .rollout.logprobs import collate, completion_logps
-from .training.losses import k3_kl, masked_mean
+from .training.losses import k3_kl
 from .model.models import LoadedModel
 from .rollout.prompts import build_messages, encode_prompt
 
@@ -51,34 +51,46 @@ def _continuations(lm: LoadedModel, names: list[str]) -> list[list[int]]:
     return [scaffold + tok.encode(" " + n, add_special_tokens=False) + ([end] if end is not None else []) for n in names]
 
 
-def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token") -> list[float]:
+def _prompt_cache(model, lm: LoadedModel, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's keys and values for ``prompt`` (one forward, only the last logits kept)."""
+    with torch.no_grad(), onednn_linear(model, enabled=lm.device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
+        out = model(input_ids=torch.tensor([prompt], device=lm.device), use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token",
+                      completions: list[Trace] = ()) -> tuple[list[float], list[list[float]]]:
     """P(candidate) for each of ``candidates(case)`` under ``model`` (the policy, or
-    the reference from ``lm.reference()``)."""
+    the reference from ``lm.reference()``), and the teacher-forced log-probs of each of
+    ``completions`` (traces of this case's prompt) from the same prompt pass."""
     names = candidates(case)
     prompt = encode_prompt(lm.tokenizer, build_messages(case))
     sequences = _continuations(lm, names)
     scaffold_len = len(lm.tokenizer.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False))
-    device = lm.device
-    with torch.no_grad(), onednn_linear(model, enabled=device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
-        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    kv = _prompt_cache(model, lm, prompt)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     scored = score_continuations(model, kv, 0, len(prompt) - 1, [[prompt[-1], *s] for s in sequences], pad)
-    return candidate_probs(candidate_scores([lps[scaffold_len:] for lps in scored], how))
+    probs = candidate_probs(candidate_scores([lps[scaffold_len:] for lps in scored], how))
+    if not completions:
+        return probs, []
+    assert all(t.prompt_ids == prompt for t in completions), "completions must continue the case's prompt"
+    return probs, score_continuations(model, kv, 0, len(prompt) - 1,
+                                      [[prompt[-1], *t.completion_ids] for t in completions], pad)
 
 
-def belief(lm: LoadedModel, case: Case, reference: bool = False) -> dict:
-    """{"names", "probs", "correct", "p_correct", "top1"} for one case."""
+def belief(lm: LoadedModel, case: Case, reference: bool = False, completions: list[Trace] = ()) -> dict:
+    """{"names", "probs", "correct", "p_correct", "top1", "completion_logps"} for one case
+    (``completion_logps``: per-token log-probs of ``completions``, see ``candidate_beliefs``)."""
     names = candidates(case)
     if reference:
         with lm.reference() as model:
-            probs = candidate_beliefs(model, lm, case)
+            probs, logps = candidate_beliefs(model, lm, case, completions=completions)
     else:
         lm.model.train(False)
-        probs = candidate_beliefs(lm.model, lm, case)
+        probs, logps = candidate_beliefs(lm.model, lm, case, completions=completions)
     right = correct_index(case, names)
     return {"names": names, "probs": probs, "correct": right, "p_correct": probs[right],
-            "top1": float(max(range(len(probs)), key=probs.__getitem__) == right)}
+            "top1": float(max(range(len(probs)), key=probs.__getitem__) == right), "completion_logps": logps}
 
 
 @dataclass
@@ -104,42 +116,68 @@ class ProbeSet:
 
     def score(self, lm: LoadedModel) -> dict:
         """Probe metrics (TRL-style names, plain floats): ``probe/<group>_p_correct``,
-        ``probe/<group>_top1`` for taught and held-out, ``probe/kl`` and ``probe/seconds``."""
+        ``probe/<group>_top1`` for taught and held-out, ``probe/kl`` and ``probe/seconds``.
+        A taught case's fixed completions are scored from its belief's prompt pass (one
+        prompt forward per case, not two: prompt passes are most of the probe's cost)."""
         started = time.perf_counter()
         out: dict[str, float] = {}
+        scored: list[tuple[Trace, list[float]]] = []  # fixed completions and their log-probs now
         for group, cases in (("taught", self.taught), ("heldout", self.heldout)):
             if not cases:
                 continue
-            found = [belief(lm, c) for c in cases]
+            found = []
+            for c in cases:
+                fixed = self.completions.get(c.id, []) if group == "taught" else []
+                prompt = encode_prompt(lm.tokenizer, build_messages(c))
+                shared = [t for t in fixed if t.prompt_ids == prompt]
+                found.append(belief(lm, c, completions=shared))
+                scored += zip(shared, found[-1]["completion_logps"])
+                scored += [(t, policy_logps(lm, [t])[0]) for t in fixed if t.prompt_ids != prompt]  # e.g. hinted
             out[f"probe/{group}_p_correct"] = sum(b["p_correct"] for b in found) / len(found)
             out[f"probe/{group}_top1"] = sum(b["top1"] for b in found) / len(found)
-        kl = probe_kl(lm, [ts for ts in self.completions.values()])
-        if kl is not None:
-            out["probe/kl"] = kl
+        if scored:
+            out["probe/kl"] = reference_kl([t.ref_logps for t, _ in scored], [now for _, now in scored],
+                                           [t.loss_mask for t, _ in scored])
         out["probe/seconds"] = time.perf_counter() - started
         return out
 
 
+def reference_kl(ref_logps: list[list[float]], logps: list[list[float]], loss_masks: list[list[int]]) -> float:
+    """Mean k3 estimate of KL(reference || policy), nats per counted token, over completions
+    sampled from the reference (or before training moved the policy).
+
+    Args: per completion, its tokens' reference log-probs, policy log-probs and 0/1 loss mask
+    (empty: every token counts; scaffold tokens we inserted count 0).
+    """
+    # the traces were sampled before training moved the policy (at v0: from the reference),
+    # so the k3 estimator of KL(reference || policy) is the one that holds for them
+    # (Schulman 2020, http://joschu.net/blog/kl-approx.html); KL(policy || reference)'s
+    # k3 on them blows up on tokens the training pushed down
+    total = weight = 0.0
+    for ref, now, mask in zip(ref_logps, logps, loss_masks):
+        n = len(now)
+        m = torch.tensor(mask[:n] if mask else [1.0] * n, dtype=torch.float32)
+        r = torch.tensor(ref[:n], dtype=torch.float32)
+        total += float((k3_kl(r, torch.tensor(now, dtype=torch.float32)) * m).sum())
+        weight += float(m.sum())
+    return total / weight if weight else 0.0
+
+
+def policy_logps(lm: LoadedModel, traces: list[Trace]) -> list[list[float]]:
+    """Per-token log-probs of ``traces`` (sharing one prompt) under the policy, teacher-forced."""
+    lm.model.train(False)
+    batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], lm.tokenizer.pad_token_id, lm.device,
+                    loss_masks=[t.loss_mask for t in traces])
+    with torch.no_grad(), onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
+        now = completion_logps(lm.model, batch)
+    return [now[i, : len(t.completion_ids)].tolist() for i, t in enumerate(traces)]
+
+
 def probe_kl(lm: LoadedModel, groups: list[list[Trace]]) -> float | None:
     """Mean k3 estimate of KL(reference || policy) (nats/token) over fixed completions, each group
-    sharing one prompt; None without completions."""
-    total = weight = 0.0
-    lm.model.train(False)
-    for traces in groups:
-        batch = collate(traces[0].prompt_ids, [t.completion_ids for t in traces], lm.tokenizer.pad_token_id, lm.device,
-                        loss_masks=[t.loss_mask for t in traces])
-        t = batch.completion_ids.shape[1]
-        ref = torch.zeros((len(traces), t))
-        for i, tr in enumerate(traces):
-            ref[i, : len(tr.ref_logps)] = torch.tensor(tr.ref_logps)
-        with torch.no_grad(), onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
-            now = completion_logps(lm.model, batch)
-        mask = batch.completion_mask
-        n = float(mask.sum())
-        # the traces were sampled before training moved the policy (at v0: from the reference),
-        # so the k3 estimator of KL(reference || policy) is the one that holds for them
-        # (Schulman 2020, http://joschu.net/blog/kl-approx.html); KL(policy || reference)'s
-        # k3 on them blows up on tokens the training pushed down
-        total += float(masked_mean(k3_kl(ref.to(now.device) * mask, now * mask), mask)) * n
-        weight += n
-    return total / weight if weight else None
+    sharing one prompt, each forwarded with its prompt; None without completions."""
+    traces = [t for ts in groups for t in ts]
+    if not traces:
+        return None
+    logps = [lp for ts in groups for lp in policy_logps(lm, ts)]
+    return reference_kl([t.ref_logps for t in traces], logps, [t.loss_mask for t in traces])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.belief import ProbeSet, _continuations, belief, correct_index, probe_kl
+from rlhf_core.belief import ProbeSet, _continuations, belief, correct_index, policy_logps, probe_kl, reference_kl
 from rlhf_core.clinical.cases import Case
 from rlhf_core.rollout.conclusion import candidates
 from rlhf_core.engine import Engine
@@ -78,6 +78,27 @@ def test_the_probe_sees_a_ranking_move_the_taught_case_and_measures_kl_from_the_
     assert second["probe/kl"] == pytest.approx(probe_kl(lm, list(engine.probe.completions.values())), rel=1e-6)
     assert second["probe/taught_p_correct"] > first["probe/taught_p_correct"]
     assert first["trace_logratio"][0] > 0 > first["trace_logratio"][1]  # chosen more likely, rejected less
+
+
+def test_fixed_completions_scored_from_the_belief_pass_equal_their_own_forward(engine):
+    """The probe's KL reuses the belief's prompt pass: same log-probs as a forward with the prompt."""
+    lm = engine.lm
+    traces = _conclusion_traces(lm, CASE)
+    traces[1].loss_mask = [0] * 3 + [1] * (len(traces[1].completion_ids) - 3)  # an inserted scaffold
+    shared = belief(lm, CASE, completions=traces)["completion_logps"]
+    own = policy_logps(lm, traces)
+    for t, a, b in zip(traces, shared, own):
+        counted = [i for i in range(len(a)) if not t.loss_mask or t.loss_mask[i]]
+        assert [a[i] for i in counted] == pytest.approx([b[i] for i in counted], abs=1e-4)
+    # at the reference, KL(reference || policy) is 0; a policy moved by +0.5 nats on one token is not
+    assert reference_kl([t.ref_logps for t in traces], own, [t.loss_mask for t in traces]) == pytest.approx(0, abs=1e-5)
+    moved = [list(lp) for lp in own]
+    moved[1][0] += 0.5  # masked out: counts nothing
+    assert reference_kl([t.ref_logps for t in traces], moved, [t.loss_mask for t in traces]) == pytest.approx(0, abs=1e-5)
+    moved[0][0] += 0.5
+    counted = len(traces[0].completion_ids) + sum(traces[1].loss_mask)
+    expected = (math.exp(0.5) - 0.5 - 1) / counted
+    assert reference_kl([t.ref_logps for t in traces], moved, [t.loss_mask for t in traces]) == pytest.approx(expected, rel=1e-3)
 
 
 def _rows(*updates):
