@@ -51,23 +51,57 @@ def _continuations(lm: LoadedModel, names: list[str]) -> list[list[int]]:
     return [scaffold + tok.encode(" " + n, add_special_tokens=False) + ([end] if end is not None else []) for n in names]
 
 
-def _prompt_cache(model, lm: LoadedModel, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's keys and values for ``prompt`` (one forward, only the last logits kept)."""
-    with torch.no_grad(), onednn_linear(model, enabled=lm.device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
-        out = model(input_ids=torch.tensor([prompt], device=lm.device), use_cache=True, logits_to_keep=1)
+@dataclass
+class SharedPrefix:
+    """The keys and values of the tokens every probe prompt starts with (the system
+    prompt: ~40% of a SmolLM2 probe prompt), computed once per scoring under one model."""
+
+    tokens: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, model, lm: LoadedModel, prompts: list[list[int]]) -> "SharedPrefix | None":
+        """The longest common prefix of ``prompts`` (at least two, each longer than it), or None."""
+        if len(prompts) < 2:
+            return None
+        n = 0
+        shortest = min(len(p) for p in prompts)
+        while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+            n += 1
+        return cls(prompts[0][:n], _prompt_cache(model, lm, prompts[0][:n])) if n else None
+
+
+def _prompt_cache(model, lm: LoadedModel, prompt: list[int],
+                  prefix: SharedPrefix | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's keys and values for ``prompt`` (one forward, only the last logits kept),
+    continuing ``prefix``'s cache when the prompt starts with it."""
+    from transformers import DynamicCache
+
+    start, cache = 0, None
+    if prefix is not None and len(prompt) > len(prefix.tokens) and prompt[: len(prefix.tokens)] == prefix.tokens:
+        start, cache = len(prefix.tokens), DynamicCache()
+        for index, (keys, values) in enumerate(prefix.kv):  # the update concatenates: prefix.kv stays as it is
+            cache.update(keys, values, index)
+    device = lm.device
+    rest = torch.tensor([prompt[start:]], device=device)
+    positions = start + torch.arange(rest.shape[1], device=device)
+    with torch.no_grad(), onednn_linear(model, enabled=device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
+        out = model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    position_ids=positions[None], cache_position=positions)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
-def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token",
-                      completions: list[Trace] = ()) -> tuple[list[float], list[list[float]]]:
+def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token", completions: list[Trace] = (),
+                      prefix: SharedPrefix | None = None) -> tuple[list[float], list[list[float]]]:
     """P(candidate) for each of ``candidates(case)`` under ``model`` (the policy, or
     the reference from ``lm.reference()``), and the teacher-forced log-probs of each of
-    ``completions`` (traces of this case's prompt) from the same prompt pass."""
+    ``completions`` (traces of this case's prompt) from the same prompt pass (which
+    continues ``prefix``, computed under the same ``model``, when given)."""
     names = candidates(case)
     prompt = encode_prompt(lm.tokenizer, build_messages(case))
     sequences = _continuations(lm, names)
     scaffold_len = len(lm.tokenizer.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False))
-    kv = _prompt_cache(model, lm, prompt)
+    kv = _prompt_cache(model, lm, prompt, prefix)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     scored = score_continuations(model, kv, 0, len(prompt) - 1, [[prompt[-1], *s] for s in sequences], pad)
     probs = candidate_probs(candidate_scores([lps[scaffold_len:] for lps in scored], how))
@@ -78,16 +112,18 @@ def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token"
                                       [[prompt[-1], *t.completion_ids] for t in completions], pad)
 
 
-def belief(lm: LoadedModel, case: Case, reference: bool = False, completions: list[Trace] = ()) -> dict:
+def belief(lm: LoadedModel, case: Case, reference: bool = False, completions: list[Trace] = (),
+           prefix: SharedPrefix | None = None) -> dict:
     """{"names", "probs", "correct", "p_correct", "top1", "completion_logps"} for one case
-    (``completion_logps``: per-token log-probs of ``completions``, see ``candidate_beliefs``)."""
+    (``completion_logps``: per-token log-probs of ``completions``, see ``candidate_beliefs``;
+    ``prefix``: the policy's cache of a prompt prefix, never with ``reference``)."""
     names = candidates(case)
     if reference:
         with lm.reference() as model:
             probs, logps = candidate_beliefs(model, lm, case, completions=completions)
     else:
         lm.model.train(False)
-        probs, logps = candidate_beliefs(lm.model, lm, case, completions=completions)
+        probs, logps = candidate_beliefs(lm.model, lm, case, completions=completions, prefix=prefix)
     right = correct_index(case, names)
     return {"names": names, "probs": probs, "correct": right, "p_correct": probs[right],
             "top1": float(max(range(len(probs)), key=probs.__getitem__) == right), "completion_logps": logps}
@@ -117,10 +153,14 @@ class ProbeSet:
     def score(self, lm: LoadedModel) -> dict:
         """Probe metrics (TRL-style names, plain floats): ``probe/<group>_p_correct``,
         ``probe/<group>_top1`` for taught and held-out, ``probe/kl`` and ``probe/seconds``.
-        A taught case's fixed completions are scored from its belief's prompt pass (one
-        prompt forward per case, not two: prompt passes are most of the probe's cost)."""
+        Prompt passes are most of the probe's cost, so each case has one (its fixed
+        completions are scored from its belief's pass) and the prefix every probe prompt
+        shares (the system prompt) is computed once."""
         started = time.perf_counter()
         out: dict[str, float] = {}
+        lm.model.train(False)
+        prompts = {c.id: encode_prompt(lm.tokenizer, build_messages(c)) for c in self.taught + self.heldout}
+        prefix = SharedPrefix.of(lm.model, lm, list(prompts.values()))
         scored: list[tuple[Trace, list[float]]] = []  # fixed completions and their log-probs now
         for group, cases in (("taught", self.taught), ("heldout", self.heldout)):
             if not cases:
@@ -128,9 +168,9 @@ class ProbeSet:
             found = []
             for c in cases:
                 fixed = self.completions.get(c.id, []) if group == "taught" else []
-                prompt = encode_prompt(lm.tokenizer, build_messages(c))
+                prompt = prompts[c.id]
                 shared = [t for t in fixed if t.prompt_ids == prompt]
-                found.append(belief(lm, c, completions=shared))
+                found.append(belief(lm, c, completions=shared, prefix=prefix))
                 scored += zip(shared, found[-1]["completion_logps"])
                 scored += [(t, policy_logps(lm, [t])[0]) for t in fixed if t.prompt_ids != prompt]  # e.g. hinted
             out[f"probe/{group}_p_correct"] = sum(b["p_correct"] for b in found) / len(found)

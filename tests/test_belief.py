@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.belief import ProbeSet, _continuations, belief, correct_index, policy_logps, probe_kl, reference_kl
+from rlhf_core.belief import ProbeSet, SharedPrefix, _continuations, belief, correct_index, policy_logps, probe_kl, reference_kl
 from rlhf_core.clinical.cases import Case
 from rlhf_core.rollout.conclusion import candidates
 from rlhf_core.engine import Engine
@@ -99,6 +99,25 @@ def test_fixed_completions_scored_from_the_belief_pass_equal_their_own_forward(e
     counted = len(traces[0].completion_ids) + sum(traces[1].loss_mask)
     expected = (math.exp(0.5) - 0.5 - 1) / counted
     assert reference_kl([t.ref_logps for t in traces], moved, [t.loss_mask for t in traces]) == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_shared_prompt_prefix_changes_no_belief(engine):
+    """The probe computes the system prompt once and continues it for every case."""
+    lm = engine.lm
+    other = Case(id="b-other", question="Fever and neck stiffness. Diagnosis?", answer="meningitis",
+                 distractors=["migraine", "sinusitis"])
+    prompts = [encode_prompt(lm.tokenizer, build_messages(c)) for c in (CASE, other, MC)]
+    prefix = SharedPrefix.of(lm.model, lm, prompts)
+    assert prefix is not None and 0 < len(prefix.tokens) < min(map(len, prompts))
+    assert all(p[: len(prefix.tokens)] == prefix.tokens for p in prompts)
+    traces = _conclusion_traces(lm, CASE)
+    for case in (CASE, other, MC):
+        plain, continued = belief(lm, case, completions=traces if case is CASE else ()), \
+            belief(lm, case, completions=traces if case is CASE else (), prefix=prefix)
+        assert continued["probs"] == pytest.approx(plain["probs"], abs=1e-5)
+        for a, b in zip(continued["completion_logps"], plain["completion_logps"]):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert SharedPrefix.of(lm.model, lm, prompts[:1]) is None  # nothing to share
 
 
 def _rows(*updates):
