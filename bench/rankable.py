@@ -81,7 +81,8 @@ def batch_sweep(lm, cases, sampling: SamplingConfig, sizes: list[int], samples: 
         rejection = RejectionConfig(k=16, budget=samples, rationalise=False, batch=size, negatives=0)
         accepted = seconds = tokens = 0
         for i, case in enumerate(cases):
-            run = time_to_k(lm, case, replace(sampling, k=min(size, 16), seed=1000 + i), rejection, True)
+            run = time_to_k(lm, case, replace(sampling, k=min(size, 16), seed=1000 + i, reward_features=False),
+                           rejection, True)
             accepted += run["accepted_free"]
             seconds += run["seconds_total"]
             tokens += run["tokens"]
@@ -138,8 +139,12 @@ def main(argv=None) -> dict:
     result = {"machine": machine(), "model": args.model, "sampling": asdict(sampling), "rejection": asdict(rejection)}
     for label, pristine in (("first_generation", True), ("after_updates", False)):
         runs = []
+        # as the app samples (ui/runner.py): a workspace's first generation has no reward model
+        # to want the traces' features yet, so it skips their reference pass; afterwards the
+        # pass is needed for the reference log-probs and the features come with it
+        run_sampling = replace(sampling, reward_features=not pristine)
         for i, case in enumerate(cases if pristine else cases[: max(1, len(cases) // 3)]):
-            runs.append(time_to_k(lm, case, replace(sampling, seed=100 * i), rejection, pristine))
+            runs.append(time_to_k(lm, case, replace(run_sampling, seed=100 * i), rejection, pristine))
             print(json.dumps(runs[-1]), flush=True)
         result[label] = {"summary": _summary(runs), "runs": runs}
         print(label, json.dumps(result[label]["summary"]), flush=True)

@@ -28,7 +28,7 @@ import torch
 from .clinical.cases import Case
 from .rollout.conclusion import SCAFFOLD_TEXT, candidate_probs, candidate_scores, candidates
 from .model.cpu_linear import onednn_linear
-from .rollout.decoding import score_continuations
+from .rollout.decoding import score_branches
 from .rollout.records import Trace
 from .rollout.logprobs import collate, completion_logps
 from .training.losses import k3_kl
@@ -45,10 +45,17 @@ def correct_index(case: Case, names: list[str]) -> int:
 
 
 def _continuations(lm: LoadedModel, names: list[str]) -> list[list[int]]:
-    tok = lm.tokenizer
-    end = tok.eos_token_id
-    scaffold = tok.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False)
-    return [scaffold + tok.encode(" " + n, add_special_tokens=False) + ([end] if end is not None else []) for n in names]
+    """Each candidate's conclusion after the prompt: the scaffold, the name, the end token."""
+    return [_scaffold(lm) + branch for branch in _branches(lm, names)]
+
+
+def _scaffold(lm: LoadedModel) -> list[int]:
+    return lm.tokenizer.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False)
+
+
+def _branches(lm: LoadedModel, names: list[str]) -> list[list[int]]:
+    end = lm.tokenizer.eos_token_id
+    return [lm.tokenizer.encode(" " + n, add_special_tokens=False) + ([end] if end is not None else []) for n in names]
 
 
 @dataclass
@@ -99,17 +106,18 @@ def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token"
     continues ``prefix``, computed under the same ``model``, when given)."""
     names = candidates(case)
     prompt = encode_prompt(lm.tokenizer, build_messages(case))
-    sequences = _continuations(lm, names)
-    scaffold_len = len(lm.tokenizer.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False))
     kv = _prompt_cache(model, lm, prompt, prefix)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    scored = score_continuations(model, kv, 0, len(prompt) - 1, [[prompt[-1], *s] for s in sequences], pad)
-    probs = candidate_probs(candidate_scores([lps[scaffold_len:] for lps in scored], how))
+    # one forward: the scaffold once, each candidate after it (decoding.score_branches)
+    (_, per_candidate), = score_branches(model, kv, [0], [len(prompt) - 1], [[prompt[-1], *_scaffold(lm)]],
+                                         _branches(lm, names), pad)
+    probs = candidate_probs(candidate_scores(per_candidate, how))
     if not completions:
         return probs, []
     assert all(t.prompt_ids == prompt for t in completions), "completions must continue the case's prompt"
-    return probs, score_continuations(model, kv, 0, len(prompt) - 1,
-                                      [[prompt[-1], *t.completion_ids] for t in completions], pad)
+    (_, scored), = score_branches(model, kv, [0], [len(prompt) - 1], [[prompt[-1]]],
+                                  [t.completion_ids for t in completions], pad)
+    return probs, scored
 
 
 def belief(lm: LoadedModel, case: Case, reference: bool = False, completions: list[Trace] = (),

@@ -2,8 +2,9 @@
 
 The prompt is run through the model once and its key/value cache is shared by
 the K rows (``open_decoding``); ``sample_next`` draws the next tokens, and
-``score_continuations`` scores several continuations of one row from that
-same cache (the constrained conclusion step scores the candidates this way).
+``score_branches`` scores a stem and several branches after it for several rows
+from that same cache, in one forward (the constrained conclusion step scores the
+candidates this way).
 """
 from __future__ import annotations
 
@@ -112,36 +113,90 @@ def open_decoding(model, prompt_ids: list[int], k: int, device, max_len: int, le
                          lambda: [(layer.keys, layer.values) for layer in cache.layers])
 
 
-def score_continuations(
-    model, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], row: int, prefix_len: int, continuations: list[list[int]],
-    pad_id: int,
-) -> list[list[float]]:
-    """Teacher-forced log-probs of several continuations of one row of a batch.
+def tree_layout(stem_len: int, branch_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Where each token of a stem and its branches sits when they are packed into one row.
 
-    The row's first ``prefix_len`` cached positions (``layer_kv``, from
-    ``BatchDecoding.layer_kv``) are shared by the C continuations, which run in
-    one forward of the model, right-padded. Each continuation must start with
-    the token at position ``prefix_len`` (the row's last token, re-fed so its
-    logits predict the first new one); the log-probs returned are those of the
-    tokens after it, over the whole vocabulary at temperature 1.
+    The packed row is the stem's tokens, then each branch's in turn. Returns, per packed
+    token: its depth (position after the stem's first token), its group (-1: the stem,
+    else the branch's index), and the packed index of the token whose logits predict it
+    (-1 for the stem's first token, which is only re-fed).
+    """
+    depth = list(range(stem_len))
+    group = [-1] * stem_len
+    predictor = list(range(-1, stem_len - 1))
+    for b, n in enumerate(branch_lens):
+        start = len(depth)
+        depth += [stem_len + j for j in range(n)]
+        group += [b] * n
+        predictor += [stem_len - 1] + [start + j for j in range(n - 1)]
+    return depth, group, predictor
+
+
+def tree_mask(group: list[int], length: int) -> torch.Tensor:
+    """[length, length] bool: packed token q may attend to packed token k (k <= q, and k is
+    in the stem or in q's own branch). Tokens past ``len(group)`` (padding) see only
+    themselves, so no row of the attention is empty."""
+    n = len(group)
+    g = torch.tensor(group)
+    allowed = torch.zeros((length, length), dtype=torch.bool)
+    causal = torch.ones((n, n), dtype=torch.bool).tril()
+    allowed[:n, :n] = causal & ((g[None, :] == -1) | (g[None, :] == g[:, None]))
+    pad = torch.arange(n, length)
+    allowed[pad, pad] = True
+    return allowed
+
+
+def score_branches(
+    model, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: list[int], prefix_lens: list[int],
+    stems: list[list[int]], branches: list[list[int]], pad_id: int,
+) -> list[tuple[list[float], list[list[float]]]]:
+    """Teacher-forced log-probs of a stem and several branches after it, for several cached rows, in one forward.
+
+    Row ``rows[r]`` of ``layer_kv`` (each layer's cached keys and values, [R, kv_heads,
+    positions, head_dim], e.g. ``BatchDecoding.layer_kv``) holds a sequence whose first
+    ``prefix_lens[r]`` positions are its own. ``stems[r]`` continues it and starts with the
+    token at position ``prefix_lens[r]`` (the row's last token, re-fed so its logits predict
+    the next one); every branch continues the stem. Stem and branches are packed into one row
+    (``tree_layout``) whose attention mask lets each branch see the prefix, the stem and its
+    own earlier tokens only (``tree_mask``), so the cache is read in place and each branch's
+    tokens are scored once, as in a forward of ``prefix + stem + branch``.
+
+    Returns per row: the stem's log-probs after its first token, and each branch's log-probs,
+    over the whole vocabulary at temperature 1.
     """
     from transformers import DynamicCache
 
     device = layer_kv[0][0].device
-    c = len(continuations)
+    cached = max(prefix_lens)
+    layouts = [tree_layout(len(stem), [len(b) for b in branches]) for stem in stems]
+    length = max(len(depth) for depth, _, _ in layouts)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, length, cached + length), dtype=torch.bool)
+    for r, (stem, (depth, group, _)) in enumerate(zip(stems, layouts)):
+        packed = stem + [t for b in branches for t in b]
+        ids[r, : len(packed)] = torch.tensor(packed)
+        positions[r, : len(depth)] = prefix_lens[r] + torch.tensor(depth)
+        mask[r, 0, : len(depth), : prefix_lens[r]] = True  # the row's own prefix, never another row's tail
+        mask[r, 0, :, cached:] = tree_mask(group, length)
+    index = torch.tensor(rows, device=device)
     cache = DynamicCache()
-    for index, (keys, values) in enumerate(layer_kv):
-        cache.update(keys[row : row + 1, :, :prefix_len].expand(c, -1, -1, -1).contiguous(),
-                     values[row : row + 1, :, :prefix_len].expand(c, -1, -1, -1).contiguous(), index)
-    length = max(len(x) for x in continuations)
-    ids = torch.full((c, length), pad_id, dtype=torch.long)
-    for i, x in enumerate(continuations):
-        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-    ids = ids.to(device)
-    positions = (prefix_len + torch.arange(length, device=device)).expand(c, -1)
-    on_cpu = device.type == "cpu"
-    with torch.no_grad(), onednn_linear(model, enabled=on_cpu):
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions,
-                    cache_position=prefix_len + torch.arange(length, device=device))
-    logps = token_logps_from_logits(out.logits[:, :-1], ids[:, 1:])
-    return [logps[i, : len(x) - 1].tolist() for i, x in enumerate(continuations)]
+    for layer, (keys, values) in enumerate(layer_kv):
+        cache.update(keys.index_select(0, index)[:, :, :cached], values.index_select(0, index)[:, :, :cached], layer)
+    ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
+    with torch.no_grad(), onednn_linear(model, enabled=device.type == "cpu"):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, attention_mask=mask,
+                    cache_position=cached + torch.arange(length, device=device))
+    results = []
+    for r, (depth, group, predictor) in enumerate(layouts):
+        targets = torch.arange(1, len(depth), device=device)  # every packed token but the re-fed first one
+        logps = token_logps_from_logits(out.logits[r, torch.tensor(predictor[1:], device=device)][None],
+                                        ids[r, targets][None])[0].tolist()
+        stem_n = len(stems[r]) - 1
+        stem_logps, rest = logps[:stem_n], logps[stem_n:]
+        split, offset = [], 0
+        for b in branches:
+            split.append(rest[offset: offset + len(b)])
+            offset += len(b)
+        results.append((stem_logps, split))
+    return results

@@ -20,7 +20,7 @@ from .conclusion import (
     CANDIDATE_SCORES, CONCLUSION_MODES, SCAFFOLD_TEXT, Concluder, can_constrain, candidate_probs, candidate_scores,
     candidates, choose_candidate, conclusion_record,
 )
-from .decoding import open_decoding, sample_next, score_continuations
+from .decoding import open_decoding, sample_next, score_branches
 from .features import encode as encode_features, pool_hidden
 from .logprobs import collate, completion_logps, token_logps_from_logits
 from ..model.models import LoadedModel
@@ -154,14 +154,15 @@ def score_completions(
     features: bool = False,
 ) -> tuple[list[list[float]], list[list[float]], list[str]]:
     """(policy log-probs, reference log-probs, features) per completion, without grad
-    (one pass when the caller knows the policy is still the reference and wants no features)."""
+    (one pass when the caller knows the policy is still the reference)."""
+    if reference_is_policy:  # one pass gives both (and the features, from the same hidden states)
+        ref, feats = reference_pass(lm, prompt_ids, completions, features, reference_is_policy=True)
+        return [list(x) for x in ref], ref, feats
     batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
     with torch.no_grad():
         old = _rows(completion_logps(lm.model, batch), completions)
-    if reference_is_policy and not features:
-        return old, [list(x) for x in old], []
-    ref, feats = reference_pass(lm, prompt_ids, completions, features, reference_is_policy)
-    return old, [list(x) for x in old] if reference_is_policy else ref, feats
+    ref, feats = reference_pass(lm, prompt_ids, completions, features)
+    return old, ref, feats
 
 
 def build_traces(
@@ -232,20 +233,21 @@ class _ConclusionPlan:
 
 def _conclude_rows(model, decoding, prompt_ids: list[int], concluder: Concluder, plan: _ConclusionPlan,
                    temperature: float, generator, pad_id: int, logps: list[list[float]]) -> None:
-    """Score every candidate after each concluding row's reasoning (and inserted label)
-    and append the one drawn from the model's own probabilities (temperature 1, or
-    the argmax when decoding is greedy), with its teacher-forced log-probs."""
-    kv = decoding.layer_kv()
-    for i in concluder.concluding():
-        state = concluder.states[i]
-        full = list(prompt_ids) + concluder.rows[i]
-        continuations = [[full[-1], *state.scaffold, *seq] for seq in plan.sequences]
-        scored = score_continuations(model, kv, i, len(full) - 1, continuations, pad_id)
-        n = len(state.scaffold)
-        scores = candidate_scores([lps[n:] for lps in scored], plan.score)
+    """Score every candidate after each concluding row's reasoning (and inserted label),
+    all rows in one forward, and append the one drawn from the model's own probabilities
+    (temperature 1, or the argmax when decoding is greedy), with its teacher-forced log-probs."""
+    concluding = list(concluder.concluding())
+    if not concluding:
+        return
+    fulls = [list(prompt_ids) + concluder.rows[i] for i in concluding]
+    stems = [[full[-1], *concluder.states[i].scaffold] for i, full in zip(concluding, fulls)]
+    scored = score_branches(model, decoding.layer_kv(), concluding, [len(full) - 1 for full in fulls], stems,
+                            plan.sequences, pad_id)
+    for i, (scaffold_logps, candidate_logps) in zip(concluding, scored):
+        scores = candidate_scores(candidate_logps, plan.score)
         chosen = choose_candidate(scores, 1.0 if temperature > 0 else 0.0, generator)
         concluder.conclude(i, chosen, plan.sequences[chosen], candidate_probs(scores))
-        logps[i] += scored[chosen]
+        logps[i] += scaffold_logps + candidate_logps[chosen]
 
 
 def sample_stream(
