@@ -1,6 +1,6 @@
 """Seconds from *Generate* to K rankable traces, on library cases, with the app's defaults.
 
-    python -m bench.rankable [--model smollm2-135m] [--cases 24] [--batches 4,8,12,16] [--json-out F] [--no-run]
+    python -m bench.rankable [--model smollm2-135m] [--cases 24] [--batches 4,8,12,16] [--max-new-tokens N] [--json-out F] [--no-run]
 
 Rewrites README's block between the "rankable results" markers.
 
@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", default="4,8,12,16", help="decoding batch sizes to sweep ('' to skip)")
     parser.add_argument("--sweep-cases", type=int, default=4)
     parser.add_argument("--sweep-samples", type=int, default=48, help="per case; 48 divides into every batch size swept")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"reasoning budget (default: the app's, {SamplingConfig.max_new_tokens})")
     parser.add_argument("--json-out", default="bench/rankable.json")
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
     library = load_library(default_cases_dir())
     step = max(1, len(library) // args.cases)
     cases = library[::step][: args.cases]
-    sampling = SamplingConfig(seed=1)
+    sampling = SamplingConfig(seed=1, **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
     rejection = RejectionConfig()
     result = {"machine": machine(), "model": args.model, "sampling": asdict(sampling), "rejection": asdict(rejection)}
     for label, pristine in (("first_generation", True), ("after_updates", False)):

@@ -182,7 +182,7 @@ def score_branches(
     index = torch.tensor(rows, device=device)
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(layer_kv):
-        cache.update(keys.index_select(0, index)[:, :, :cached], values.index_select(0, index)[:, :, :cached], layer)
+        cache.update(keys[:, :, :cached].index_select(0, index), values[:, :, :cached].index_select(0, index), layer)
     ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
     with torch.no_grad(), onednn_linear(model, enabled=device.type == "cpu"):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, attention_mask=mask,
