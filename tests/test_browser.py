@@ -167,6 +167,9 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
             f"() => {{ const p = document.querySelector('#chart-{chart} .js-plotly-plot');"
             " return p && p.data && p.data.some(d => Array.from(d.x).includes(1)); }", timeout=TIMEOUT_MS)
     expect(page.locator("#header")).to_contain_text("policy v1")
+    # every ranked card says what the update did to its trace
+    for i in range(4):
+        expect(page.locator(f"#trace-card-{i}")).to_contain_text(re.compile(r"now [\d.e+-]+× as likely \([+-]\d\.\d{4} nats/token\)"))
     # the belief chart refreshed: the policy's bars moved away from the reference's
     page.wait_for_function(f"() => {{ const now = ({belief_js})(); return now && now !== {belief_before!r}; }}",
                            timeout=TIMEOUT_MS)

@@ -10,6 +10,8 @@ gradio_client, and the in-memory mode without a database.
 """
 from __future__ import annotations
 
+import math
+
 import json
 import socket
 import sqlite3
@@ -174,6 +176,13 @@ def test_submit_runs_a_dpo_update_and_streams_metrics(room):
     assert stored["comments"] == {session["batch"]["traces"][0]["trace_id"]: "clear and safe"}
     assert stored["trace_ids"] == session["batch"]["order"] and stored["case_id"] == sc.CASE.id
     assert "stored as ranking #" in final["update_status"] and room.describe()["rankings"] == 1
+    # each card says what the update did to its trace: the trainer's log-ratio, as a ratio and per token
+    traces, logratio = session["batch"]["traces"], room.metrics("update")[-1]["trace_logratio"]
+    for i, trace in enumerate(traces):
+        head = final[f"card{i}_head"]
+        counted = sum(trace["loss_mask"]) if trace["loss_mask"] else len(trace["completion_ids"])
+        assert f"now <b>{math.exp(logratio[i]):.3g}×</b> as likely ({logratio[i] / counted:+.4f} nats/token)" in head
+    assert len({final[f"card{i}_head"] for i in range(len(traces))}) == len(traces)
     # submitted: no second update, but the order may still change for a second opinion
     assert final["session"]["batch"]["submitted"] and final["ranking"]["interactive"]
     assert "Record ranking only" in final["rank_message"]

@@ -70,11 +70,11 @@ def positions(batch: dict | None) -> dict[str, int]:
 
 
 def card_view(i: int, trace: dict | None = None, live_text: str | None = None, phase: str = "sampling",
-              position: int | None = None, reset_comment: bool = False) -> dict:
+              position: int | None = None, reset_comment: bool = False, change: dict | None = None) -> dict:
     """Outputs of card slot ``i``: a finished trace, a trace being decoded, or hidden."""
     comment = {"visible": trace is not None, **({"value": ""} if reset_comment else {})}
     if trace is not None:
-        head, text, visible = trace_header(trace, i, position), trace["text"], True
+        head, text, visible = trace_header(trace, i, position, change), trace["text"], True
     elif live_text is not None:
         head, text, visible = live_header(i, phase), live_text, True
     else:
@@ -103,7 +103,8 @@ def cards_view(batch: dict | None, reset_comments: bool = False) -> dict:
     out = {}
     for i in range(MAX_CARDS):
         trace = traces[i] if i < len(traces) else None
-        out.update(card_view(i, trace, position=pos.get(trace["trace_id"]) if trace else None, reset_comment=reset_comments))
+        out.update(card_view(i, trace, position=pos.get(trace["trace_id"]) if trace else None, reset_comment=reset_comments,
+                             change=((batch or {}).get("changes") or {}).get(trace["trace_id"]) if trace else None))
     rejected = (batch or {}).get("rejected") or []
     out["rejected_acc"] = gr.update(label=f"Other rejected traces ({len(rejected)}) — shown for context, not trained on")
     out["rejected_html"] = rejected_html(rejected)
@@ -187,7 +188,9 @@ def heads_view(batch: dict | None) -> dict:
     """Card headers only (their rank badges change when the order changes)."""
     traces = (batch or {}).get("traces") or []
     pos = positions(batch)
-    return {f"card{i}_head": trace_header(t, i, pos.get(t["trace_id"])) for i, t in enumerate(traces[:MAX_CARDS])}
+    changes = (batch or {}).get("changes") or {}  # what the update did to each trace, once submitted
+    return {f"card{i}_head": trace_header(t, i, pos.get(t["trace_id"]), changes.get(t["trace_id"]))
+            for i, t in enumerate(traces[:MAX_CARDS])}
 
 
 def traces_title(batch: dict | None) -> str:

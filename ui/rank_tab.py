@@ -21,13 +21,15 @@ from .case_panel import belief_view
 from .generate_tab import CHART_OUTPUTS
 from .metrics_panel import metrics_view
 from .ranking import HeldOutCase, RankingError, move
+from .updates import likelihood_changes
 from .views import progress_html, status_html
 from .wiring import engine_event, light_event
 
 ALGORITHMS = {"DPO": "dpo", "GRPO": "grpo"}
 DEFAULTS = {"dpo": DPOConfig(), "grpo": GRPOConfig()}
 LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}
-SUBMIT_OUTPUTS = ["session", "update_progress", "update_status", "ranking", "rank_message", "header", "table", *CHART_OUTPUTS]
+SUBMIT_OUTPUTS = ["session", "update_progress", "update_status", "ranking", "rank_message", "header", "table", *CHART_OUTPUTS,
+                  *[f"card{i}_head" for i in range(MAX_CARDS)]]
 MOVE_OUTPUTS = ["session", "ranking", "rank_message", *[f"card{i}_head" for i in range(MAX_CARDS)]]
 
 
@@ -164,7 +166,9 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
         yield {"update_progress": progress_html("Update failed", 1, str(err), "error"),
                "update_status": status_html(f"Update failed: {err}.{kept}", "error"), "_warning": f"Update failed: {err}"}
         return
+    changes = {} if result.get("skipped") else likelihood_changes(batch["traces"], result.get("trace_logratio") or [])
     done_batch = {**batch, "submitted": True, "version_after": result["version"], "ranking_id": record["ranking_id"],
+                  "changes": changes,
                   "recorded": [*(batch.get("recorded") or []),
                                {"annotator": annotator, "ranking_id": record["ranking_id"], "update": True}]}
     skipped = f" ({result.get('skip_reason') or 'no step applied'}; weights unchanged)" if result.get("skipped") else ""
@@ -178,6 +182,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
     yield {"session": {**session, "batch": done_batch, "annotator": annotator},
            "update_progress": progress_html("Update done", 1, f"policy v{result['version']}", "done"),
            "update_status": status_html(summary, "warn" if skipped else "ok"), **ranking_view(done_batch),
+           **heads_view(done_batch),
            **metrics_view(room), "_info": f"Policy updated to v{result['version']}"}
 
 

@@ -40,6 +40,9 @@ CSS = """
 .cr-card-title { display:flex; align-items:center; gap:6px; flex-wrap:wrap; }
 .cr-rank { background:#134e4a; color:#fff; border-radius:6px; padding:0 6px; font-weight:700; }
 .cr-dx { margin-top:4px; }
+.cr-change { margin-top:4px; font-size:0.86rem; border-radius:6px; padding:2px 6px; display:inline-block; }
+.cr-change-up { background:#dcfce7; color:#14532d; }
+.cr-change-down { background:#fee2e2; color:#7f1d1d; }
 .cr-reason { margin-top:2px; font-size:0.86rem; color:#334155; }
 .cr-violations { margin:4px 0 0 0; padding-left:18px; font-size:0.84rem; }
 .cr-evidence { color:#64748b; font-style:italic; }

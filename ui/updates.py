@@ -81,3 +81,20 @@ def likelihood_ratios(logratios: list[float | None], indices: list[int]) -> list
     if len(logratios) != len(indices):
         return None
     return [None if logratios[i] is None else math.exp(max(-50.0, min(50.0, logratios[i]))) for i in indices]
+
+
+def likelihood_changes(traces: list[dict], logratios: list[float | None]) -> dict[str, dict]:
+    """Per trace id of ``traces`` (the first ``len(traces)`` entries of the trainer's
+    ``trace_logratio``, input order): ``ratio``, how many times more likely the update made
+    the whole trace, and ``per_token``, its mean log-prob change per trained token (nats;
+    inserted scaffold tokens, masked out of the loss, do not count)."""
+    out = {}
+    for trace, logratio in zip(traces, logratios):
+        if logratio is None:
+            continue
+        mask = trace.get("loss_mask") or [1] * len(trace.get("completion_ids") or [])
+        counted = sum(1 for m in mask if m)
+        out[trace["trace_id"]] = {"ratio": math.exp(max(-50.0, min(50.0, logratio))),
+                                  "per_token": logratio / counted if counted else 0.0}
+    return out
+

@@ -72,8 +72,20 @@ def conclusion_note(trace: dict) -> str:
     return f"conclusion chosen by the model among {n} candidates{p}" + (f"; {why}" if why else "")
 
 
-def trace_header(trace: dict, index: int, position: int | None = None) -> str:
-    """The top of a finished trace card: name, verdict badge, diagnosis, reason, safety."""
+def change_html(change: dict | None) -> str:
+    """What the last update did to a trace: "now 2.1× as likely (+0.0061 nats/token)"."""
+    if not change:
+        return ""
+    ratio, per_token = change["ratio"], change["per_token"]
+    kind = "up" if ratio >= 1 else "down"
+    return (f'<div class="cr-change cr-change-{kind}" title="the policy after the update against the policy that '
+            f'sampled this trace: the probability of the whole trace, and the mean change of log-probability per '
+            f'token">after the update: now <b>{ratio:.3g}×</b> as likely ({per_token:+.4f} nats/token)</div>')
+
+
+def trace_header(trace: dict, index: int, position: int | None = None, change: dict | None = None) -> str:
+    """The top of a finished trace card: name, verdict badge, diagnosis, reason, safety,
+    and ``change``, what the last update did to it (``updates.likelihood_changes``)."""
     kind = verdict_kind(trace)
     verdict = trace.get("verdict") or {}
     label = {"accepted": "✓ accepted", "rationalised": "✓ rationalised", "rejected": "✗ rejected"}[kind]
@@ -87,7 +99,7 @@ def trace_header(trace: dict, index: int, position: int | None = None) -> str:
         f'<div class="cr-reason">{esc(verdict.get("reason"))}{note}'
         f' <span class="cr-muted">· policy v{esc(trace.get("policy_version"))} · {esc(len(trace.get("completion_ids") or []))} tokens</span></div>'
         + (f'<div class="cr-muted cr-conclusion">{esc(conclusion_note(trace))}</div>' if conclusion_note(trace) else "")
-        + f'{violations_html(trace)}</div>'
+        + f'{violations_html(trace)}{change_html(change)}</div>'
     )
 
 
