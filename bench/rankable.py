@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep-samples", type=int, default=48, help="per case; 48 divides into every batch size swept")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"reasoning budget (default: the app's, {SamplingConfig.max_new_tokens})")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"decoding batch of the rejection sampler (default: the app's, {RejectionConfig.batch})")
     parser.add_argument("--json-out", default="bench/rankable.json")
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
@@ -137,7 +139,7 @@ def main(argv=None) -> dict:
     step = max(1, len(library) // args.cases)
     cases = library[::step][: args.cases]
     sampling = SamplingConfig(seed=1, **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
-    rejection = RejectionConfig()
+    rejection = RejectionConfig(**({"batch": args.batch} if args.batch else {}))
     result = {"machine": machine(), "model": args.model, "sampling": asdict(sampling), "rejection": asdict(rejection)}
     for label, pristine in (("first_generation", True), ("after_updates", False)):
         runs = []

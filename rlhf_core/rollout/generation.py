@@ -90,6 +90,7 @@ class GenerationUpdate:
     new_tokens: int  # decoding steps done so far
     traces: list[Trace] | None = None  # set on the last update only
     tokens_per_second: float = 0.0
+    complete: list[bool] | None = None  # rows whose text is final (conclusion included); None: not reported
 
 
 def eos_token_ids(lm: LoadedModel) -> list[int]:
@@ -270,6 +271,12 @@ def sample_stream(
     decodes exactly max_new_tokens per row with no stopping rule (benchmarks only).
     ``reference_is_policy`` (the caller knows the weights are still the reference's):
     the reference log-probs are the policy's, so no reference pass runs.
+
+    Rows that stopped reasoning are concluded at every streamed update, so an update's
+    ``complete`` rows carry their final text. A caller that has seen enough (e.g. K
+    verified traces) sends ``True`` into the stream (``stream.send(True)``): decoding
+    stops, rows still reasoning are dropped (never judged, never returned) and the next
+    update is the last, with the traces of the rows that had finished.
     """
     model, tok = lm.model, lm.tokenizer
     train_prompt = encode_prompt(tok, build_messages(case))
@@ -305,17 +312,29 @@ def sample_stream(
                 if concluder.all_stopped() or step == config.max_new_tokens:
                     break
                 if step % config.stream_every == 0:
-                    yield GenerationUpdate(
+                    _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator,
+                                   pad_id, sampled_logps)
+                    enough = yield GenerationUpdate(
                         [tok.decode(r, skip_special_tokens=True) for r in rows],
                         [not concluder.decoding(i) for i in range(k)],
                         step,
                         tokens_per_second=sum(map(len, rows)) / (time.perf_counter() - started),
+                        complete=[concluder.states[i].phase == "done" for i in range(k)],
                     )
+                    if enough:
+                        break
                 logits = decoding.advance(next_tokens)
             _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator, pad_id, sampled_logps)
             del decoding  # frees the decoder's packed weights before the reference is loaded
+        # rows still reasoning when the caller had enough are dropped; the others are whole
+        kept = [i for i in range(k) if concluder.states[i].phase == "done" or not concluder.stop_rules]
+        if len(kept) < k:
+            rows = [rows[i] for i in kept]
+            sampled_logps = [sampled_logps[i] for i in kept]
         elapsed = time.perf_counter() - started
-        if hint:
+        if not rows:  # the caller stopped before any row finished
+            old_logps = ref_logps = features = []
+        elif hint:
             # a hinted trace is trained as answering the plain prompt: its "old"
             # log-probs must be taken under that prompt, not the one it was sampled from
             old_logps, ref_logps, features = score_completions(lm, train_prompt, rows, reference_is_policy,
@@ -332,17 +351,19 @@ def sample_stream(
     finally:
         model.train(was_training)
 
-    conclusions = [conclusion_record(plan.mode, concluder.states[i], plan.names, plan.score) for i in range(k)]
+    conclusions = [conclusion_record(plan.mode, concluder.states[i], plan.names, plan.score) for i in kept]
     traces = build_traces(
         lm, case, train_prompt, rows, old_logps, ref_logps, policy_version, bool(hint), config, [],
-        finish_reasons=concluder.finish, loss_masks=concluder.masks, conclusions=conclusions, features=features,
+        finish_reasons=[concluder.finish[i] for i in kept], loss_masks=[concluder.masks[i] for i in kept],
+        conclusions=conclusions, features=features,
     )
     yield GenerationUpdate(
         [t.text for t in traces],
-        [True] * k,
+        [True] * len(traces),
         step,
         traces=traces,
         tokens_per_second=sum(map(len, rows)) / max(elapsed, 1e-9),
+        complete=[True] * len(traces),
     )
 
 

@@ -68,6 +68,7 @@ class SamplingReport:
     rationalised_sampled: int = 0
     rationalised_accepted: int = 0
     rationalised_rejected: int = 0
+    cut_short: int = 0  # rows still reasoning when K were in hand: dropped, never judged
 
     @property
     def acceptance_rate(self) -> float:
@@ -131,17 +132,44 @@ def _dedup_key(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def annotate(trace: Trace, case: Case) -> Trace:
-    """Attach the verifier's verdict and the safety check to a trace. A correct
-    conclusion without reasoning worth ranking (``degenerate``) is rejected."""
-    verdict = check_trace(trace.text, case).to_dict()
+def judge(text: str, case: Case, hinted: bool = False) -> dict:
+    """The verifier's verdict on a trace's text. A correct conclusion without
+    reasoning worth ranking (``degenerate``) is rejected."""
+    verdict = check_trace(text, case).to_dict()
     if verdict["accepted"]:
-        found = degenerate_reason(trace.text, verdict["diagnosis"], hinted=trace.rationalised)
+        found = degenerate_reason(text, verdict["diagnosis"], hinted=hinted)
         if found:
             verdict.update(accepted=False, code=found[0], reason=f"correct diagnosis, but {found[1]}")
-    trace.verdict = verdict
+    return verdict
+
+
+def annotate(trace: Trace, case: Case) -> Trace:
+    """Attach the verifier's verdict (``judge``) and the safety check to a trace."""
+    trace.verdict = judge(trace.text, case, hinted=trace.rationalised)
     trace.safety = check_safety(trace.text, case).to_dict()
     return trace
+
+
+class EnoughCounter:
+    """Counts, while a batch decodes, its rows that finished with a distinct accepted text,
+    so the batch can stop once the run has K (``GenerationUpdate.complete``)."""
+
+    def __init__(self, case: Case, hinted: bool, seen: set[str], wanted: int) -> None:
+        self.case, self.hinted, self.wanted = case, hinted, wanted
+        self.seen = set(seen)  # accepted texts (dedup keys), the run's and this batch's
+        self.judged: set[int] = set()
+        self.passed = 0
+
+    def enough(self, update: GenerationUpdate) -> bool:
+        """Judge the rows ``update`` reports complete for the first time; True once ``wanted`` passed."""
+        for i, done in enumerate(update.complete or ()):
+            if done and i not in self.judged:
+                self.judged.add(i)
+                key = _dedup_key(update.texts[i])
+                if key not in self.seen and judge(update.texts[i], self.case, self.hinted)["accepted"]:
+                    self.seen.add(key)
+                    self.passed += 1
+        return self.passed >= self.wanted
 
 
 def sample_verified_stream(
@@ -172,11 +200,17 @@ def sample_verified_stream(
             seed = None if sampling.seed is None else sampling.seed + batch_no
             config = SamplingConfig(**{**asdict(sampling), "k": size, "seed": seed})
             batch_no += 1
-            last = None
-            for update in generate(case, config, hint):
-                last = update
-                if update.traces is None:
-                    yield SamplerEvent(phase, update.texts, list(all_traces), list(accepted), report, len(all_traces), planned)
+            # the batch stops as soon as the run has K: rows still reasoning then are dropped
+            counter = EnoughCounter(case, hint is not None, seen, rejection.k - len(accepted))
+            stream = iter(generate(case, config, hint))
+            last = next(stream)
+            while last.traces is None:
+                yield SamplerEvent(phase, last.texts, list(all_traces), list(accepted), report, len(all_traces), planned)
+                if counter.enough(last) and hasattr(stream, "send"):
+                    report.cut_short += sum(not done for done in last.complete)
+                    last = stream.send(True)
+                else:
+                    last = next(stream)
             drawn += size
             for trace in last.traces:
                 annotate(trace, case)

@@ -210,3 +210,40 @@ def test_sampled_rows_reason_for_at_least_the_minimum(tiny_lm):
     for t in sample_traces(tiny_lm, case, SamplingConfig(k=4, max_new_tokens=12, min_reasoning_tokens=8, seed=3, temperature=2.0)):
         reasoning = t.loss_mask.index(0) if 0 in t.loss_mask else len(t.completion_ids)
         assert reasoning >= 8
+
+
+def test_a_stream_stopped_by_its_caller_returns_the_finished_rows_whole(tiny_lm, monkeypatch):
+    # row 0 samples its end token at the third step, so it concludes while the others reason;
+    # the caller, content with it, stops the batch: only row 0 comes back, concluded, exact
+    import rlhf_core.rollout.generation as generation
+
+    eos, original, calls = tiny_lm.tokenizer.eos_token_id, generation.sample_next, []
+
+    def sample_next(logits, *args):
+        tokens = original(logits, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            tokens[0] = eos
+        return tokens
+
+    monkeypatch.setattr(generation, "sample_next", sample_next)
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    config = SamplingConfig(k=4, max_new_tokens=30, seed=3, stream_every=2, min_reasoning_tokens=0)
+    stream = generation.sample_stream(tiny_lm, case, config)
+    update = next(stream)
+    while not any(update.complete):
+        update = next(stream)
+    assert update.complete == [True, False, False, False] and update.new_tokens == 4
+    assert any(update.texts[0].endswith("Final diagnosis: " + n) for n in candidates(case))
+    final = stream.send(True)
+    assert final.traces is not None and len(final.traces) == 1
+    (trace,) = final.traces
+    assert trace.text == update.texts[0] and trace.finish_reason == "conclusion"
+    assert trace.conclusion["trigger"] == "eos" and trace.conclusion["chosen_text"] in candidates(case)
+    assert len(trace.completion_ids) == len(trace.old_logps) == len(trace.ref_logps) == len(trace.loss_mask)
+    batch = collate(trace.prompt_ids, [trace.completion_ids], tiny_lm.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        fresh = completion_logps(tiny_lm.model, batch)
+    assert torch.allclose(fresh[0, : len(trace.completion_ids)], torch.tensor(trace.old_logps), atol=1e-5)
+    with pytest.raises(StopIteration):
+        next(stream)

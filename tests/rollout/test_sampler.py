@@ -136,3 +136,36 @@ def test_rejected_traces_are_offered_below_the_line_most_useful_first(case):
     none = sample_verified(ScriptedGenerator([[NONE, WRONG, RIGHT]]), case, SamplingConfig(k=3, seed=1),
                            RejectionConfig(k=2, budget=3, rationalise=False, negatives=0))
     assert none.negatives == []
+
+
+class StoppableGenerator:
+    """A batch whose rows finish one per update (as ``sample_stream`` reports them); a caller
+    that sends True gets the finished rows only, as the real stream gives them."""
+
+    def __init__(self, texts):
+        self.texts, self.stopped_after = texts, None
+
+    def __call__(self, case, config, hint):
+        texts = self.texts[: config.k]
+        for n in range(1, len(texts)):
+            complete = [i < n for i in range(len(texts))]
+            if (yield GenerationUpdate(list(texts), complete, n, complete=complete)):
+                self.stopped_after = n
+                texts = texts[:n]
+                break
+        traces = [Trace(case.id, [1, 2], [3, 4], t, "conclusion", [-1.0, -1.0], [-1.0, -1.0], 0) for t in texts]
+        yield GenerationUpdate(texts, [True] * len(texts), 9, traces=traces, complete=[True] * len(texts))
+
+
+def test_a_batch_stops_as_soon_as_the_run_has_k_and_drops_the_rows_still_reasoning(case):
+    # rows finish in order: RIGHT, WRONG, RIGHT again (a duplicate does not count), RIGHT_2: K = 2 reached at the 4th
+    gen = StoppableGenerator([RIGHT, WRONG, RIGHT, RIGHT_2, RIGHT_3, WRONG, NONE, WRONG])
+    result = sample_verified(gen, case, SamplingConfig(k=8, seed=1), RejectionConfig(k=2, budget=8, batch=8))
+    assert gen.stopped_after == 4
+    assert [t.text for t in result.accepted] == [RIGHT, RIGHT_2]
+    assert [t.verdict["code"] for t in result.all_traces] == ["accepted", "distractor", "duplicate", "accepted"]
+    assert result.report.cut_short == 4 and result.report.sampled == 4
+    # a run that never has K decodes its whole batch
+    whole = StoppableGenerator([WRONG, RIGHT, NONE, WRONG])
+    result = sample_verified(whole, case, SamplingConfig(k=4, seed=1), RejectionConfig(k=2, budget=4, rationalise=False))
+    assert whole.stopped_after is None and result.report.sampled == 4 and result.report.cut_short == 0
