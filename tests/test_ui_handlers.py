@@ -44,8 +44,8 @@ def memory_room(tmp_path):
     return make_room(tmp_path, db=None)
 
 
-def generate(room, session=None, k=4, case_id=sc.CASE.id):
-    outs = list(generate_tab.generate(room, session or new_session(), case_id, k, 192, 0.8, 12, True))
+def generate(room, session=None, k=4, case_id=sc.CASE.id, budget=16):
+    outs = list(generate_tab.generate(room, session or new_session(), case_id, k, 192, 0.8, budget, True))
     return outs, outs[-1]["session"]
 
 
@@ -68,7 +68,10 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
     texts = [t["text"] for t in batch["traces"]]
     assert texts == [sc.SAFE, sc.SCRIPTED, sc.HARD, sc.FOURTH]
     assert [t["verdict"]["code"] for t in batch["negatives"]] == ["distractor"]  # below the line
+    # the 16-row batch stopped once the 4th distinct accepted trace (row 5) had finished, with the
+    # 8 rows done by then: the other 8, still decoding, were dropped unjudged
     assert [t["verdict"]["code"] for t in batch["rejected"]] == ["duplicate", "duplicate", "duplicate"]
+    assert batch["report"]["cut_short"] == 8 and batch["report"]["sampled"] == 8
     assert batch["order"][-1] == by_text(batch, sc.HARD), "a hard-safety trace starts at the bottom"
     assert batch["acceptance_rate"] == pytest.approx(0.5)
     final = outs[-1]
@@ -83,7 +86,7 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
     assert len(final["ranking"]["choices"]) == 4 and final["ranking"]["interactive"]
     assert room.metrics("generation")[-1]["acceptance_rate"] == pytest.approx(0.5)
     assert len(final["chart_acceptance"].data) == 1  # the acceptance chart got its point
-    assert room.store.count("traces", "default") == 8  # every trace drawn is stored, rejected ones too
+    assert room.store.count("traces", "default") == 8  # every trace judged is stored, rejected ones too
 
 
 def test_rejected_traces_below_the_line_train_under_every_ranked_one(room):

@@ -16,7 +16,6 @@ safety checks, rejection sampling, ranking and updates are unchanged.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Callable, Iterator
 
@@ -53,35 +52,43 @@ class ScriptedBackend:
 
     ``script(case, hint) -> list[str]`` gives the texts; they are handed out in
     a cycle, so successive batches continue where the last one stopped.
-    ``delay`` seconds pass between streamed chunks (to watch streaming).
+    ``delay`` seconds pass between streamed chunks (to watch streaming). Rows
+    finish in order, a share of them per chunk (``GenerationUpdate.complete``),
+    and a caller that sends True gets the finished rows only, as from the model.
     """
 
     def __init__(self, script: Callable[[Case, str | None], list[str]] = default_script, delay: float = 0.0, chunks: int = 4):
         self.script = script
         self.delay = delay
         self.chunks = max(1, chunks)
-        self._cursors: dict[tuple[str, bool], Iterator[str]] = {}
+        self._next: dict[tuple[str, bool], int] = {}  # (case id, hinted) -> where the next batch starts
 
-    def _next_texts(self, case: Case, hint: str | None, k: int) -> list[str]:
-        key = (case.id, bool(hint))
-        if key not in self._cursors:
-            texts = self.script(case, hint)
-            if not texts:
-                raise ValueError(f"the script has no texts for case {case.id!r}")
-            self._cursors[key] = itertools.cycle(texts)
-        return [next(self._cursors[key]) for _ in range(k)]
+    def _texts(self, case: Case, hint: str | None, k: int) -> list[str]:
+        texts = self.script(case, hint)
+        if not texts:
+            raise ValueError(f"the script has no texts for case {case.id!r}")
+        start = self._next.get((case.id, bool(hint)), 0)
+        return [texts[(start + i) % len(texts)] for i in range(k)]
 
     def __call__(self, engine, case: Case, config: SamplingConfig, hint: str | None = None) -> Iterator[GenerationUpdate]:
         lm = engine.lm
         tok = lm.tokenizer
-        texts = self._next_texts(case, hint, config.k)
+        texts = self._texts(case, hint, config.k)
+        k = len(texts)
         for n in range(1, self.chunks):  # growing prefixes, like token streaming
             if self.delay:
                 time.sleep(self.delay)
-            yield GenerationUpdate([t[: len(t) * n // self.chunks] for t in texts], [False] * len(texts), n)
+            done = [i < k * n // self.chunks for i in range(k)]
+            shown = [t if d else t[: len(t) * n // self.chunks] for t, d in zip(texts, done)]
+            if (yield GenerationUpdate(shown, [False] * k, n, complete=done)):
+                texts = [t for t, d in zip(texts, done) if d]
+                break
+        key = (case.id, bool(hint))
+        self._next[key] = self._next.get(key, 0) + len(texts)
         prompt = encode_prompt(tok, build_messages(case))
         eos = eos_token_ids(lm)[:1]
         rows = [list(tok.encode(t, add_special_tokens=False)) + eos for t in texts]
         old, ref, features = score_completions(lm, prompt, rows, features=config.reward_features)
         traces = build_traces(lm, case, prompt, rows, old, ref, engine.version, bool(hint), config, eos, features=features)
-        yield GenerationUpdate([t.text for t in traces], [True] * len(traces), self.chunks, traces=traces)
+        yield GenerationUpdate([t.text for t in traces], [True] * len(traces), self.chunks, traces=traces,
+                               complete=[True] * len(traces))
