@@ -96,6 +96,12 @@ def test_rejected_traces_below_the_line_train_under_every_ranked_one(room):
     assert below["text"] == sc.WRONG and below["trace_id"] not in batch["order"]  # never in the rankable list
     final = submit(room, session, negatives=True)[-1]
     assert room.version == 1 and "1 rejected trace(s) trained below the line" in final["update_status"]
+    # what the update did, said apart for the ranked traces and the one below the line
+    ratios = [math.exp(x) for x in room.metrics("update")[-1]["trace_logratio"]]
+    order = [batch["traces"][i]["trace_id"] for i in range(len(batch["traces"]))]
+    ranked = [ratios[order.index(tid)] for tid in batch["order"]]
+    assert (f"your first choice is now {ranked[0]:.3g}× as likely, your last {ranked[-1]:.3g}×, "
+            f"the traces below the line {ratios[-1]:.3g}×") in final["update_status"]
     [stored] = room.store.rankings("default")
     assert stored["ranked"] == 3 and stored["trace_ids"][-1] == below["trace_id"]
     assert room.metrics("update")[-1]["below_the_line"] == 1

@@ -70,11 +70,21 @@ def update_config(algorithm_label: str, beta, lr, steps, loss_type):
 
 
 def _what_it_did(result: dict) -> str:
-    """"your first choice is now 2.1x as likely, your last 0.4x" (ratios over the whole trace)."""
-    ratios = [r for r in (result.get("ranked_likelihood_ratios") or []) if r is not None]
+    """"your first choice is now 2.1x as likely, your last 0.4x, the traces below the line 0.2-0.3x"
+    (ratios over the whole trace, best to worst; ``ranked`` of them above the line)."""
+    ratios = result.get("ranked_likelihood_ratios") or []
     if result.get("skipped") or len(ratios) < 2:
         return ""
-    return f" · your first choice is now {ratios[0]:.3g}× as likely, your last {ratios[-1]:.3g}×"
+    ranked = result.get("ranked") or len(ratios)
+    above = [r for r in ratios[:ranked] if r is not None]
+    below = [r for r in ratios[ranked:] if r is not None]
+    parts = [f"your first choice is now {above[0]:.3g}× as likely"] if above else []
+    if len(above) > 1:
+        parts.append(f"your last {above[-1]:.3g}×")
+    if below:
+        parts.append(f"the traces below the line {min(below):.3g}×" if len(below) == 1 else
+                     f"the traces below the line {min(below):.3g}–{max(below):.3g}×")
+    return " · " + ", ".join(parts) if parts else ""
 
 
 def _num(value) -> str:
