@@ -2,7 +2,8 @@
 open the page, pick a case, generate, rank, record a second opinion, run one DPO
 update, and check that the charts show a new point and that a trace containing
 ``<script>`` stays inert; then the Data tab (workspaces, the two annotators'
-agreement, a download) and the Evaluate tab (a small held-out A/B run).
+agreement, a download), the Evaluate tab (a small held-out A/B run), and a second update
+after which the KL chart's probe line equals KL recomputed on the probe set.
 
 The app runs in this process on tiny-random with the scripted backend (see
 ``ui_scenario``), so the update is real. Install the browser with
@@ -51,7 +52,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def served(tmp_path_factory):
+    """(the page's address, its control room): the app serves in this process."""
     from app import build_app, launch
 
     root = tmp_path_factory.mktemp("browser")
@@ -61,8 +63,13 @@ def app_url(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    yield f"http://127.0.0.1:{port}/", demo.room
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(served):
+    return served[0]
 
 
 def _screenshot(page, name: str) -> None:
@@ -89,8 +96,10 @@ def _select_and_move(page, trace: str, button: str, times: int = 1) -> None:
             arg=before, timeout=TIMEOUT_MS)
 
 
-def test_generate_rank_update_in_the_browser(browser, app_url):
+def test_generate_rank_update_in_the_browser(browser, app_url, served):
     from playwright.sync_api import expect
+
+    from rlhf_core.belief import probe_kl
 
     page = browser.new_page(viewport={"width": 1440, "height": 1000})
     page_errors: list[str] = []
@@ -210,6 +219,21 @@ def test_generate_rank_update_in_the_browser(browser, app_url):
     assert not page_errors, page_errors
 
     _screenshot(page, "evaluate.png")
+
+    # a second update: the KL chart's line for the probe's fixed traces, at v2, equals KL recomputed now
+    page.get_by_role("tab", name="Control room").click()
+    page.click("#generate-button")
+    expect(page.locator("#generate-progress")).to_contain_text("Done", timeout=TIMEOUT_MS)
+    page.click("#update-button")
+    expect(page.locator("#update-status")).to_contain_text("v1 → v2", timeout=TIMEOUT_MS)
+    kl_js = ("() => { const p = document.querySelector('#chart-kl .js-plotly-plot'); if (!p || !p.data) return null;"
+             " const d = p.data.find(d => d.name === 'on the taught probe traces (fixed)'); if (!d) return null;"
+             " const i = Array.from(d.x).indexOf(2); return i < 0 ? null : d.y[i]; }")
+    page.wait_for_function(kl_js, timeout=TIMEOUT_MS)
+    room = served[1]
+    with room.lock:
+        recomputed = probe_kl(room.engine.lm, list(room.engine.probe.completions.values()))
+    assert recomputed > 0 and page.evaluate(kl_js) == pytest.approx(recomputed, rel=1e-6)
     print(f"\nbrowser timings on tiny-random (scripted backend): generate {generate_seconds:.1f}s, "
           f"update {update_seconds:.1f}s, A/B {eval_seconds:.1f}s")
     page.close()
