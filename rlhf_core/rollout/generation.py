@@ -272,11 +272,13 @@ def sample_stream(
     ``reference_is_policy`` (the caller knows the weights are still the reference's):
     the reference log-probs are the policy's, so no reference pass runs.
 
-    Rows that stopped reasoning are concluded at every streamed update, so an update's
-    ``complete`` rows carry their final text. A caller that has seen enough (e.g. K
-    verified traces) sends ``True`` into the stream (``stream.send(True)``): decoding
-    stops, rows still reasoning are dropped (never judged, never returned) and the next
-    update is the last, with the traces of the rows that had finished.
+    A caller that watches the rows as they finish sends ``False`` into the stream after
+    each update (``stream.send(False)``): from then on the rows that stopped reasoning are
+    concluded at every streamed update, so its ``complete`` rows carry their final text
+    (plain iteration concludes them all at the end, in one forward: ~8% less time a batch).
+    Once it has seen enough (e.g. K verified traces) it sends ``True``: decoding stops, rows
+    still reasoning are dropped (never judged, never returned) and the next update is the
+    last, with the traces of the rows that had finished.
     """
     model, tok = lm.model, lm.tokenizer
     train_prompt = encode_prompt(tok, build_messages(case))
@@ -299,7 +301,7 @@ def sample_stream(
             logits = decoding.logits
             # log-probs of the appended tokens under the sampling policy, at temperature 1
             sampled_logps: list[list[float]] = [[] for _ in range(k)]
-            step = 0
+            step, watched = 0, False
             for step in range(1, config.max_new_tokens + 1):
                 allowed = concluder.without_early_end(logits, config.min_reasoning_tokens)
                 sampled = sample_next(allowed, config.temperature, config.top_p, generator).tolist()
@@ -312,8 +314,9 @@ def sample_stream(
                 if concluder.all_stopped() or step == config.max_new_tokens:
                     break
                 if step % config.stream_every == 0:
-                    _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator,
-                                   pad_id, sampled_logps)
+                    if watched:
+                        _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator,
+                                       pad_id, sampled_logps)
                     enough = yield GenerationUpdate(
                         [tok.decode(r, skip_special_tokens=True) for r in rows],
                         [not concluder.decoding(i) for i in range(k)],
@@ -323,6 +326,7 @@ def sample_stream(
                     )
                     if enough:
                         break
+                    watched = enough is not None  # False: the caller reads ``complete`` and may stop the batch
                 logits = decoding.advance(next_tokens)
             _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator, pad_id, sampled_logps)
             del decoding  # frees the decoder's packed weights before the reference is loaded

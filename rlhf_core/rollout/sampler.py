@@ -210,11 +210,13 @@ def sample_verified_stream(
             last = next(stream)
             while last.traces is None:
                 yield SamplerEvent(phase, last.texts, list(all_traces), list(accepted), report, len(all_traces), planned)
-                if counter.enough(last) and hasattr(stream, "send"):
+                if not hasattr(stream, "send"):
+                    last = next(stream)
+                elif counter.enough(last):
                     report.cut_short += sum(not done for done in last.complete)
                     last = stream.send(True)
                 else:
-                    last = next(stream)
+                    last = stream.send(False)  # watching: finished rows are concluded as they come
             drawn += size
             for trace in last.traces:
                 annotate(trace, case)

@@ -232,7 +232,7 @@ def test_a_stream_stopped_by_its_caller_returns_the_finished_rows_whole(tiny_lm,
     stream = generation.sample_stream(tiny_lm, case, config)
     update = next(stream)
     while not any(update.complete):
-        update = next(stream)
+        update = stream.send(False)  # watching the rows: they are concluded as they finish
     assert update.complete == [True, False, False, False] and update.new_tokens == 4
     assert any(update.texts[0].endswith("Final diagnosis: " + n) for n in candidates(case))
     final = stream.send(True)
@@ -247,3 +247,16 @@ def test_a_stream_stopped_by_its_caller_returns_the_finished_rows_whole(tiny_lm,
     assert torch.allclose(fresh[0, : len(trace.completion_ids)], torch.tensor(trace.old_logps), atol=1e-5)
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_a_stream_nobody_watches_concludes_every_row_at_the_end(tiny_lm, monkeypatch):
+    # plain iteration: no conclusion pass before the last step, one for all rows after it
+    import rlhf_core.rollout.generation as generation
+
+    passes, original = [], generation.score_branches
+    monkeypatch.setattr(generation, "score_branches", lambda *a, **kw: passes.append(len(a[2])) or original(*a, **kw))
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    updates = list(generation.sample_stream(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=12, seed=3, stream_every=2)))
+    assert passes == [3] and not any(any(u.complete) for u in updates[:-1])
+    assert len(updates[-1].traces) == 3 and all(t.finish_reason == "conclusion" for t in updates[-1].traces)
+
