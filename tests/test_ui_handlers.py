@@ -72,6 +72,7 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
     # 8 rows done by then: the other 8, still decoding, were dropped unjudged
     assert [t["verdict"]["code"] for t in batch["rejected"]] == ["duplicate", "duplicate", "duplicate"]
     assert batch["report"]["cut_short"] == 8 and batch["report"]["sampled"] == 8
+    assert "stopped once K were in hand: 8 sample(s) still reasoning were dropped" in outs[-1]["gen_progress"]
     assert batch["order"][-1] == by_text(batch, sc.HARD), "a hard-safety trace starts at the bottom"
     assert batch["acceptance_rate"] == pytest.approx(0.5)
     final = outs[-1]

@@ -77,7 +77,9 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
     done = progress_html(
         "Done", 1,
         f"{len(batch['traces'])} rankable of {report.sampled} sampled (acceptance {report.acceptance_rate:.0%})"
-        + (f" + {report.rationalised_sampled} rationalised attempts" if report.rationalised_sampled else "") + below,
+        + (f" + {report.rationalised_sampled} rationalised attempts" if report.rationalised_sampled else "") + below
+        + (f" · stopped once K were in hand: {report.cut_short} sample(s) still reasoning were dropped"
+           if report.cut_short else ""),
         "done")
     yield {"session": {**cleared, "batch": batch}, "gen_progress": done, "traces_title": traces_title(batch),
            **cards_view(batch), **ranking_view(batch), **metrics_view(room)}
