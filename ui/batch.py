@@ -100,11 +100,12 @@ def cards_view(batch: dict | None, reset_comments: bool = False) -> dict:
     """Every card slot for a finished batch: its rankable traces, with their rank."""
     traces = (batch or {}).get("traces") or []
     pos = positions(batch)
+    changes = (batch or {}).get("changes") or {}  # what the update did to each trace, once submitted
     out = {}
     for i in range(MAX_CARDS):
         trace = traces[i] if i < len(traces) else None
-        out.update(card_view(i, trace, position=pos.get(trace["trace_id"]) if trace else None, reset_comment=reset_comments,
-                             change=((batch or {}).get("changes") or {}).get(trace["trace_id"]) if trace else None))
+        tid = trace["trace_id"] if trace else None
+        out.update(card_view(i, trace, position=pos.get(tid), reset_comment=reset_comments, change=changes.get(tid)))
     rejected = (batch or {}).get("rejected") or []
     out["rejected_acc"] = gr.update(label=f"Other rejected traces ({len(rejected)}) — shown for context, not trained on")
     out["rejected_html"] = rejected_html(rejected)

@@ -75,12 +75,17 @@ def ranking_record(traces: list[Trace], indices: list[int], config, before: int,
     }
 
 
+def _ratio(logratio: float) -> float:
+    """exp(logratio), clamped so a runaway log-ratio stays a finite JSON number."""
+    return math.exp(max(-50.0, min(50.0, logratio)))
+
+
 def likelihood_ratios(logratios: list[float | None], indices: list[int]) -> list[float | None] | None:
     """Best to worst: how many times more likely each ranked trace became (None when the
     trainer reported no per-trace log-ratios)."""
     if len(logratios) != len(indices):
         return None
-    return [None if logratios[i] is None else math.exp(max(-50.0, min(50.0, logratios[i]))) for i in indices]
+    return [None if logratios[i] is None else _ratio(logratios[i]) for i in indices]
 
 
 def likelihood_changes(traces: list[dict], logratios: list[float | None]) -> dict[str, dict]:
@@ -94,7 +99,7 @@ def likelihood_changes(traces: list[dict], logratios: list[float | None]) -> dic
             continue
         mask = trace.get("loss_mask") or [1] * len(trace.get("completion_ids") or [])
         counted = sum(1 for m in mask if m)
-        out[trace["trace_id"]] = {"ratio": math.exp(max(-50.0, min(50.0, logratio))),
+        out[trace["trace_id"]] = {"ratio": _ratio(logratio),
                                   "per_token": logratio / counted if counted else 0.0}
     return out
 

@@ -331,7 +331,7 @@ def sample_stream(
             _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator, pad_id, sampled_logps)
             del decoding  # frees the decoder's packed weights before the reference is loaded
         # rows still reasoning when the caller had enough are dropped; the others are whole
-        kept = [i for i in range(k) if concluder.states[i].phase == "done" or not concluder.stop_rules]
+        kept = [i for i in range(k) if concluder.states[i].phase == "done"]
         if len(kept) < k:
             rows = [rows[i] for i in kept]
             sampled_logps = [sampled_logps[i] for i in kept]
