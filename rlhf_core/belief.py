@@ -4,9 +4,10 @@
 answer and the distractors, or the options) when asked to conclude right
 after the case prompt: ``<prompt> Final diagnosis: <candidate><eos>`` scored
 by teacher forcing, per token (as the constrained conclusion step scores them),
-normalised over the candidates. One forward of the prompt, then the C short
-continuations in one forward sharing its key/value cache. Deterministic: no
-sampling noise, so a change between versions is the update's doing.
+normalised over the candidates. One forward of the prompts, then every case's C
+short continuations in one forward sharing their key/value caches, batched over
+cases (a probe set of six is four forwards). Deterministic: no sampling noise,
+so a change between versions is the update's doing.
 
 *Probe set*: a few cases taught in the workspace and a few held-out ones,
 scored after every update: the mean probability of the correct diagnosis and
@@ -20,6 +21,7 @@ unbiased choice (not done yet).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ import torch
 from .clinical.cases import Case
 from .rollout.conclusion import SCAFFOLD_TEXT, candidate_probs, candidate_scores, candidates
 from .model.cpu_linear import onednn_linear
+from .model.folded import folded_adapters
 from .rollout.decoding import score_branches
 from .rollout.records import Trace
 from .rollout.logprobs import collate, completion_logps
@@ -58,83 +61,107 @@ def _branches(lm: LoadedModel, names: list[str]) -> list[list[int]]:
     return [lm.tokenizer.encode(" " + n, add_special_tokens=False) + ([end] if end is not None else []) for n in names]
 
 
-@dataclass
-class SharedPrefix:
-    """The keys and values of the tokens every probe prompt starts with (the system
-    prompt: ~40% of a SmolLM2 probe prompt), computed once per scoring under one model."""
-
-    tokens: list[int]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @classmethod
-    def of(cls, model, lm: LoadedModel, prompts: list[list[int]]) -> "SharedPrefix | None":
-        """The longest common prefix of ``prompts`` (at least two, each longer than it), or None."""
-        if len(prompts) < 2:
-            return None
-        n = 0
-        shortest = min(len(p) for p in prompts)
-        while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
-            n += 1
-        return cls(prompts[0][:n], _prompt_cache(model, lm, prompts[0][:n])) if n else None
+CASES_PER_PASS = 8  # cases scored in one batched forward: bounds its padded batch
 
 
-def _prompt_cache(model, lm: LoadedModel, prompt: list[int],
-                  prefix: SharedPrefix | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's keys and values for ``prompt`` (one forward, only the last logits kept),
-    continuing ``prefix``'s cache when the prompt starts with it."""
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the tokens every prompt starts with (the system prompt: ~40% of a SmolLM2
+    probe prompt), leaving each prompt at least one token of its own; 0 for a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    n, shortest = 0, min(len(p) for p in prompts)
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+def _prompt_rows(model, lm: LoadedModel, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's keys and values of each prompt, one row per prompt ([R, kv_heads,
+    longest prompt, head_dim]; a shorter prompt's row is right-padded, its padding seen
+    by none of its tokens): the shared prefix in one forward, the rest of every prompt
+    after it in another."""
     from transformers import DynamicCache
 
-    start, cache = 0, None
-    if prefix is not None and len(prompt) > len(prefix.tokens) and prompt[: len(prefix.tokens)] == prefix.tokens:
-        start, cache = len(prefix.tokens), DynamicCache()
-        for index, (keys, values) in enumerate(prefix.kv):  # the update concatenates: prefix.kv stays as it is
-            cache.update(keys, values, index)
-    device = lm.device
-    rest = torch.tensor([prompt[start:]], device=device)
-    positions = start + torch.arange(rest.shape[1], device=device)
-    with torch.no_grad(), onednn_linear(model, enabled=device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
-        out = model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    position_ids=positions[None], cache_position=positions)
+    device, pad = lm.device, lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    shared, cache = _common_prefix(prompts), None
+    if shared:
+        prefix = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
+        cache = DynamicCache()
+        for index, layer in enumerate(prefix.past_key_values.layers):
+            cache.update(layer.keys.expand(len(prompts), -1, -1, -1), layer.values.expand(len(prompts), -1, -1, -1),
+                         index)
+    width = max(len(p) for p in prompts) - shared
+    rest = torch.tensor([p[shared:] + [pad] * (width - len(p) + shared) for p in prompts], device=device)
+    positions = shared + torch.arange(width, device=device)
+    out = model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                position_ids=positions[None].expand(len(prompts), -1), cache_position=positions)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
-def candidate_beliefs(model, lm: LoadedModel, case: Case, how: str = "per_token", completions: list[Trace] = (),
-                      prefix: SharedPrefix | None = None) -> tuple[list[float], list[list[float]]]:
-    """P(candidate) for each of ``candidates(case)`` under ``model`` (the policy, or
-    the reference from ``lm.reference()``), and the teacher-forced log-probs of each of
-    ``completions`` (traces of this case's prompt) from the same prompt pass (which
-    continues ``prefix``, computed under the same ``model``, when given)."""
-    names = candidates(case)
-    prompt = encode_prompt(lm.tokenizer, build_messages(case))
-    kv = _prompt_cache(model, lm, prompt, prefix)
+def case_beliefs(model, lm: LoadedModel, cases: list[Case], completions: list[list[Trace]] | None = None,
+                 how: str = "per_token") -> list[tuple[list[float], list[list[float]]]]:
+    """Per case: P(candidate) for each of ``candidates(case)`` under ``model`` (the
+    policy, or the reference from ``lm.reference()``), and the teacher-forced per-token
+    log-probs of ``completions[i]`` (traces of that case's prompt). Batched over the
+    cases, CASES_PER_PASS at a time: the prompts (their shared prefix once), every case's
+    conclusion line after its prompt (the scaffold, then each candidate: ``score_branches``)
+    and the completions are three or four forwards however many cases there are."""
+    out = []
+    for start in range(0, len(cases), CASES_PER_PASS):
+        chunk = slice(start, start + CASES_PER_PASS)
+        out += _chunk_beliefs(model, lm, cases[chunk], (completions or [[] for _ in cases])[chunk], how)
+    return out
+
+
+def _chunk_beliefs(model, lm: LoadedModel, cases: list[Case], completions: list[list[Trace]], how: str):
+    prompts = [encode_prompt(lm.tokenizer, build_messages(c)) for c in cases]
+    for case, prompt, traces in zip(cases, prompts, completions):
+        if any(t.prompt_ids != prompt for t in traces):
+            raise ValueError(f"completions of case {case.id!r} must continue its prompt")
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    # one forward: the scaffold once, each candidate after it (decoding.score_branches)
-    (_, per_candidate), = score_branches(model, kv, [0], [len(prompt) - 1], [[prompt[-1], *_scaffold(lm)]],
-                                         _branches(lm, names), pad)
-    probs = candidate_probs(candidate_scores(per_candidate, how))
-    if not completions:
-        return probs, []
-    assert all(t.prompt_ids == prompt for t in completions), "completions must continue the case's prompt"
-    (_, scored), = score_branches(model, kv, [0], [len(prompt) - 1], [[prompt[-1]]],
-                                  [t.completion_ids for t in completions], pad)
-    return probs, scored
+    with onednn_linear(model, enabled=lm.device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
+        kv = _prompt_rows(model, lm, prompts)
+        ends = [len(p) - 1 for p in prompts]  # each prompt's last token is re-fed: its logits predict what follows
+        conclusions = score_branches(model, kv, ends, [[p[-1], *_scaffold(lm)] for p in prompts],
+                                     [_branches(lm, candidates(c)) for c in cases], pad)
+        logps: list[list[list[float]]] = [[] for _ in cases]
+        rows = [r for r, traces in enumerate(completions) if traces]
+        if rows:
+            index = torch.tensor(rows, device=lm.device)
+            scored = score_branches(model, [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv],
+                                    [ends[r] for r in rows], [[prompts[r][-1]] for r in rows],
+                                    [[t.completion_ids for t in completions[r]] for r in rows], pad)
+            for r, (_, per_trace) in zip(rows, scored):
+                logps[r] = per_trace
+    return [(candidate_probs(candidate_scores(per_candidate, how)), logps[r])
+            for r, (_, per_candidate) in enumerate(conclusions)]
 
 
-def belief(lm: LoadedModel, case: Case, reference: bool = False, completions: list[Trace] = (),
-           prefix: SharedPrefix | None = None) -> dict:
-    """{"names", "probs", "correct", "p_correct", "top1", "completion_logps"} for one case
-    (``completion_logps``: per-token log-probs of ``completions``, see ``candidate_beliefs``;
-    ``prefix``: the policy's cache of a prompt prefix, never with ``reference``)."""
-    names = candidates(case)
+def beliefs(lm: LoadedModel, cases: list[Case], reference: bool = False,
+            completions: list[list[Trace]] | None = None) -> list[dict]:
+    """``belief`` of each case, batched (``case_beliefs``), LoRA adapters folded."""
+    if not cases:
+        return []
     if reference:
-        with lm.reference() as model:
-            probs, logps = candidate_beliefs(model, lm, case, completions=completions)
+        context = lm.reference()
     else:
         lm.model.train(False)
-        probs, logps = candidate_beliefs(lm.model, lm, case, completions=completions, prefix=prefix)
-    right = correct_index(case, names)
-    return {"names": names, "probs": probs, "correct": right, "p_correct": probs[right],
-            "top1": float(max(range(len(probs)), key=probs.__getitem__) == right), "completion_logps": logps}
+        context = contextlib.nullcontext(lm.model)
+    with context as model, folded_adapters(model), torch.no_grad():
+        scored = case_beliefs(model, lm, cases, completions)
+    found = []
+    for case, (probs, logps) in zip(cases, scored):
+        names = candidates(case)
+        right = correct_index(case, names)
+        found.append({"names": names, "probs": probs, "correct": right, "p_correct": probs[right],
+                      "top1": float(max(range(len(probs)), key=probs.__getitem__) == right), "completion_logps": logps})
+    return found
+
+
+def belief(lm: LoadedModel, case: Case, reference: bool = False, completions: list[Trace] = ()) -> dict:
+    """{"names", "probs", "correct", "p_correct", "top1", "completion_logps"} for one case
+    (``completion_logps``: per-token log-probs of ``completions``, see ``case_beliefs``)."""
+    return beliefs(lm, [case], reference, [list(completions)])[0]
 
 
 @dataclass
@@ -161,28 +188,24 @@ class ProbeSet:
     def score(self, lm: LoadedModel) -> dict:
         """Probe metrics (TRL-style names, plain floats): ``probe/<group>_p_correct``,
         ``probe/<group>_top1`` for taught and held-out, ``probe/kl`` and ``probe/seconds``.
-        Prompt passes are most of the probe's cost, so each case has one (its fixed
-        completions are scored from its belief's pass) and the prefix every probe prompt
-        shares (the system prompt) is computed once."""
+        Every case is scored in one batch (``beliefs``): the prompts, the conclusion
+        lines and the fixed completions are three or four forwards in all, not three per case."""
         started = time.perf_counter()
         out: dict[str, float] = {}
-        lm.model.train(False)
-        prompts = {c.id: encode_prompt(lm.tokenizer, build_messages(c)) for c in self.taught + self.heldout}
-        prefix = SharedPrefix.of(lm.model, lm, list(prompts.values()))
+        cases = self.taught + self.heldout
+        prompts = [encode_prompt(lm.tokenizer, build_messages(c)) for c in cases]
+        fixed = [self.completions.get(c.id, []) if i < len(self.taught) else [] for i, c in enumerate(cases)]
+        shared = [[t for t in traces if t.prompt_ids == prompt] for traces, prompt in zip(fixed, prompts)]
+        found = beliefs(lm, cases, completions=shared)
         scored: list[tuple[Trace, list[float]]] = []  # fixed completions and their log-probs now
-        for group, cases in (("taught", self.taught), ("heldout", self.heldout)):
-            if not cases:
-                continue
-            found = []
-            for c in cases:
-                fixed = self.completions.get(c.id, []) if group == "taught" else []
-                prompt = prompts[c.id]
-                shared = [t for t in fixed if t.prompt_ids == prompt]
-                found.append(belief(lm, c, completions=shared, prefix=prefix))
-                scored += zip(shared, found[-1]["completion_logps"])
-                scored += [(t, policy_logps(lm, [t])[0]) for t in fixed if t.prompt_ids != prompt]  # e.g. hinted
-            out[f"probe/{group}_p_correct"] = sum(b["p_correct"] for b in found) / len(found)
-            out[f"probe/{group}_top1"] = sum(b["top1"] for b in found) / len(found)
+        for traces, own, b in zip(fixed, shared, found):
+            scored += zip(own, b["completion_logps"])
+            # a trace of another prompt (e.g. hinted) gets its own forward
+            scored += [(t, policy_logps(lm, [t])[0]) for t in traces if all(t is not o for o in own)]
+        for group, part in (("taught", found[: len(self.taught)]), ("heldout", found[len(self.taught):])):
+            if part:
+                out[f"probe/{group}_p_correct"] = sum(b["p_correct"] for b in part) / len(part)
+                out[f"probe/{group}_top1"] = sum(b["top1"] for b in part) / len(part)
         if scored:
             out["probe/kl"] = reference_kl([t.ref_logps for t, _ in scored], [now for _, now in scored],
                                            [t.loss_mask for t, _ in scored])

@@ -204,14 +204,13 @@ def likelihood_comparison(lm: LoadedModel, cases: Sequence[Case]) -> dict:
     """The probe-style A/B: per case, the probability reference and policy give the correct
     diagnosis when asked to conclude (``belief.belief``: teacher-forced, no sampling noise),
     compared pairwise over the cases. Detects changes far smaller than sampled acceptance can."""
-    from .belief import belief
+    from .belief import beliefs
 
     started = time.perf_counter()
-    rows = []
-    for case in cases:
-        ref, pol = belief(lm, case, reference=True), belief(lm, case)
-        rows.append({"case_id": case.id, "reference": ref["p_correct"], "policy": pol["p_correct"],
-                     "reference_top1": ref["top1"], "policy_top1": pol["top1"]})
+    cases = list(cases)
+    rows = [{"case_id": case.id, "reference": ref["p_correct"], "policy": pol["p_correct"],
+             "reference_top1": ref["top1"], "policy_top1": pol["top1"]}
+            for case, ref, pol in zip(cases, beliefs(lm, cases, reference=True), beliefs(lm, cases))]
     return {"p_correct": paired_tests([r["reference"] for r in rows], [r["policy"] for r in rows]),
             "top1": {"reference": sum(r["reference_top1"] for r in rows), "policy": sum(r["policy_top1"] for r in rows),
                      "n": len(rows)},

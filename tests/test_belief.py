@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from rlhf_core.belief import ProbeSet, SharedPrefix, _continuations, belief, correct_index, policy_logps, probe_kl, reference_kl
+from rlhf_core.belief import (
+    ProbeSet, _common_prefix, _continuations, belief, beliefs, correct_index, policy_logps, probe_kl, reference_kl,
+)
 from rlhf_core.clinical.cases import Case
 from rlhf_core.rollout.conclusion import candidates
 from rlhf_core.engine import Engine
@@ -101,23 +103,26 @@ def test_fixed_completions_scored_from_the_belief_pass_equal_their_own_forward(e
     assert reference_kl([t.ref_logps for t in traces], moved, [t.loss_mask for t in traces]) == pytest.approx(expected, rel=1e-3)
 
 
-def test_a_shared_prompt_prefix_changes_no_belief(engine):
-    """The probe computes the system prompt once and continues it for every case."""
+def test_cases_scored_in_one_batch_believe_what_each_alone_believes(engine):
+    """The probe scores every case together: the system prompt once, the prompts' rests as
+    right-padded rows, each case's own candidates and completions: nothing leaks between rows."""
     lm = engine.lm
     other = Case(id="b-other", question="Fever and neck stiffness. Diagnosis?", answer="meningitis",
                  distractors=["migraine", "sinusitis"])
     prompts = [encode_prompt(lm.tokenizer, build_messages(c)) for c in (CASE, other, MC)]
-    prefix = SharedPrefix.of(lm.model, lm, prompts)
-    assert prefix is not None and 0 < len(prefix.tokens) < min(map(len, prompts))
-    assert all(p[: len(prefix.tokens)] == prefix.tokens for p in prompts)
+    shared = _common_prefix(prompts)
+    assert 0 < shared < min(map(len, prompts)) and len({len(p) for p in prompts}) > 1  # really padded rows
+    assert all(p[:shared] == prompts[0][:shared] for p in prompts) and _common_prefix(prompts[:1]) == 0
     traces = _conclusion_traces(lm, CASE)
-    for case in (CASE, other, MC):
-        plain, continued = belief(lm, case, completions=traces if case is CASE else ()), \
-            belief(lm, case, completions=traces if case is CASE else (), prefix=prefix)
-        assert continued["probs"] == pytest.approx(plain["probs"], abs=1e-5)
-        for a, b in zip(continued["completion_logps"], plain["completion_logps"]):
+    together = beliefs(lm, [other, CASE, MC], completions=[[], traces, []])
+    for case, found in zip((other, CASE, MC), together):
+        alone = belief(lm, case, completions=traces if case is CASE else ())
+        assert found["names"] == alone["names"] and found["probs"] == pytest.approx(alone["probs"], abs=1e-5)
+        assert len(found["completion_logps"]) == len(alone["completion_logps"])
+        for a, b in zip(found["completion_logps"], alone["completion_logps"]):
             assert a == pytest.approx(b, abs=1e-4)
-    assert SharedPrefix.of(lm.model, lm, prompts[:1]) is None  # nothing to share
+    with pytest.raises(ValueError, match="must continue its prompt"):
+        beliefs(lm, [other], completions=[traces])
 
 
 def _rows(*updates):

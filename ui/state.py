@@ -81,7 +81,7 @@ class ControlRoom:
         (holding ``lock``, so model work queues behind it) while the page is served;
         ``restoring`` reports its progress.
         ``probe_size``: (taught, held-out) cases scored after every update (default
-        ``$RLHF_PROBE`` as "taught,heldout", else 3,3; "0,0" turns the probe off)."""
+        ``$RLHF_PROBE`` as "taught,heldout", else ``settings.PROBE_SIZE``; "0,0" turns the probe off)."""
         self.lock = threading.RLock()  # the one lock for every use of the weights
         self._meta = threading.Lock()  # counters; never held during compute
         self.generate_fn = generate_fn or engine_backend

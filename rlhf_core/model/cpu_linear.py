@@ -83,6 +83,13 @@ def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` without grad, through oneDNN where it applies (float32 on CPU)."""
+    if onednn_available() and _routable(x, weight, bias):
+        return _linear_pointwise(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 @contextlib.contextmanager
 def onednn_linear(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
     """Within the block, the model's float32 CPU ``nn.Linear`` layers compute

@@ -68,9 +68,9 @@ class BatchDecoding:
     """K rows decoding together after one shared prompt.
 
     ``logits`` [K, V] are the next-token logits; ``advance(tokens [K])`` feeds one
-    token per row and returns the next logits; ``layer_kv()`` lists each layer's
-    cached (keys, values), [K, kv_heads, positions, head_dim] after rotation,
-    as Hugging Face caches hold them.
+    token per row and returns the next logits; ``layer_kv(rows, length)`` lists each
+    layer's cached (keys, values) of those rows' first ``length`` positions,
+    [len(rows), kv_heads, length, head_dim] after rotation, as Hugging Face caches hold them.
     """
 
     def __init__(self, logits: torch.Tensor, advance, layer_kv) -> None:
@@ -83,8 +83,7 @@ def open_decoding(model, prompt_ids: list[int], k: int, device, max_len: int, le
     forward with a preallocated (or repeated dynamic) cache."""
     decoder = LlamaDecoder.build(model, k, max_len) if lean else None
     if decoder is not None:
-        return BatchDecoding(decoder.prefill(prompt_ids).expand(k, -1), decoder.step,
-                             lambda: list(zip(decoder.keys, decoder.values)))
+        return BatchDecoding(decoder.prefill(prompt_ids).expand(k, -1), decoder.step, decoder.row_cache)
     # float32 CPU matmuls through oneDNN (cpu_linear.py): ~1.45x a SmolLM2 step at 4 rows on AMD
     on_cpu = torch.device(device).type == "cpu"
     with onednn_linear(model, enabled=on_cpu):
@@ -109,8 +108,12 @@ def open_decoding(model, prompt_ids: list[int], k: int, device, max_len: int, le
         position += 1
         return out.logits[:, -1, :]
 
-    return BatchDecoding(out.logits[:, -1, :].expand(k, -1), advance,
-                         lambda: [(layer.keys, layer.values) for layer in cache.layers])
+    def layer_kv(rows: list[int], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        index = torch.tensor(rows, device=device)
+        return [(layer.keys[:, :, :length].index_select(0, index), layer.values[:, :, :length].index_select(0, index))
+                for layer in cache.layers]
+
+    return BatchDecoding(out.logits[:, -1, :].expand(k, -1), advance, layer_kv)
 
 
 def tree_layout(stem_len: int, branch_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -147,16 +150,16 @@ def tree_mask(group: list[int], length: int) -> torch.Tensor:
 
 
 def score_branches(
-    model, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: list[int], prefix_lens: list[int],
-    stems: list[list[int]], branches: list[list[int]], pad_id: int,
+    model, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_lens: list[int],
+    stems: list[list[int]], branches: list[list[list[int]]], pad_id: int,
 ) -> list[tuple[list[float], list[list[float]]]]:
     """Teacher-forced log-probs of a stem and several branches after it, for several cached rows, in one forward.
 
-    Row ``rows[r]`` of ``layer_kv`` (each layer's cached keys and values, [R, kv_heads,
-    positions, head_dim], e.g. ``BatchDecoding.layer_kv``) holds a sequence whose first
+    Row ``r`` of ``layer_kv`` (each layer's cached keys and values, [R, kv_heads, positions,
+    head_dim], e.g. from ``BatchDecoding.layer_kv``) holds a sequence whose first
     ``prefix_lens[r]`` positions are its own. ``stems[r]`` continues it and starts with the
     token at position ``prefix_lens[r]`` (the row's last token, re-fed so its logits predict
-    the next one); every branch continues the stem. Stem and branches are packed into one row
+    the next one); each of the row's ``branches[r]`` continues the stem. Stem and branches are packed into one row
     (``tree_layout``) whose attention mask lets each branch see the prefix, the stem and its
     own earlier tokens only (``tree_mask``), so the cache is read in place and each branch's
     tokens are scored once, as in a forward of ``prefix + stem + branch``.
@@ -168,21 +171,21 @@ def score_branches(
 
     device = layer_kv[0][0].device
     cached = max(prefix_lens)
-    layouts = [tree_layout(len(stem), [len(b) for b in branches]) for stem in stems]
+    rows = range(len(stems))
+    layouts = [tree_layout(len(stem), [len(b) for b in row]) for stem, row in zip(stems, branches)]
     length = max(len(depth) for depth, _, _ in layouts)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     mask = torch.zeros((len(rows), 1, length, cached + length), dtype=torch.bool)
     for r, (stem, (depth, group, _)) in enumerate(zip(stems, layouts)):
-        packed = stem + [t for b in branches for t in b]
+        packed = stem + [t for b in branches[r] for t in b]
         ids[r, : len(packed)] = torch.tensor(packed)
         positions[r, : len(depth)] = prefix_lens[r] + torch.tensor(depth)
         mask[r, 0, : len(depth), : prefix_lens[r]] = True  # the row's own prefix, never another row's tail
         mask[r, 0, :, cached:] = tree_mask(group, length)
-    index = torch.tensor(rows, device=device)
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(layer_kv):
-        cache.update(keys[:, :, :cached].index_select(0, index), values[:, :, :cached].index_select(0, index), layer)
+        cache.update(keys[:, :, :cached], values[:, :, :cached], layer)
     ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
     with torch.no_grad(), onednn_linear(model, enabled=device.type == "cpu"):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, attention_mask=mask,
@@ -195,7 +198,7 @@ def score_branches(
         stem_n = len(stems[r]) - 1
         stem_logps, rest = logps[:stem_n], logps[stem_n:]
         split, offset = [], 0
-        for b in branches:
+        for b in branches[r]:
             split.append(rest[offset: offset + len(b)])
             offset += len(b)
         results.append((stem_logps, split))

@@ -23,6 +23,7 @@ from .conclusion import (
 from .decoding import open_decoding, sample_next, score_branches
 from .features import encode as encode_features, pool_hidden
 from .logprobs import collate, completion_logps, token_logps_from_logits
+from ..model.folded import folded_adapters
 from ..model.models import LoadedModel
 from .prompts import build_messages, encode_prompt
 from .records import Trace
@@ -242,8 +243,9 @@ def _conclude_rows(model, decoding, prompt_ids: list[int], concluder: Concluder,
         return
     fulls = [list(prompt_ids) + concluder.rows[i] for i in concluding]
     stems = [[full[-1], *concluder.states[i].scaffold] for i, full in zip(concluding, fulls)]
-    scored = score_branches(model, decoding.layer_kv(), concluding, [len(full) - 1 for full in fulls], stems,
-                            plan.sequences, pad_id)
+    prefix_lens = [len(full) - 1 for full in fulls]
+    scored = score_branches(model, decoding.layer_kv(concluding, max(prefix_lens)), prefix_lens, stems,
+                            [plan.sequences] * len(concluding), pad_id)
     for i, (scaffold_logps, candidate_logps) in zip(concluding, scored):
         scores = candidate_scores(candidate_logps, plan.score)
         chosen = choose_candidate(scores, 1.0 if temperature > 0 else 0.0, generator)
@@ -295,7 +297,7 @@ def sample_stream(
     was_training = model.training
     model.train(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), folded_adapters(model):
             decoding = open_decoding(model, sample_prompt, k, lm.device, len(sample_prompt) + config.max_new_tokens + 1,
                                      lean=config.lean_decode)
             logits = decoding.logits

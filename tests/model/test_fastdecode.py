@@ -47,6 +47,29 @@ def test_decoder_folds_in_trained_lora_adapters(tiny_lora_lm):
         assert _decode_and_compare(model) < 1e-5
 
 
+def test_row_cache_gives_each_row_the_cache_of_its_own_sequence():
+    """The decoder keeps the prompt's keys/values once; a row's cache handed back is the one
+    a forward of prompt + that row's tokens builds."""
+    model = build_tiny_model().eval()
+    prompt, steps = [5, 17, 99, 3, 250, 41, 7], 5
+    decoder = LlamaDecoder.build(model, 3, len(prompt) + steps + 1)
+    decoder.prefill(prompt)
+    tokens = torch.randint(0, 256, (3, steps), generator=torch.Generator().manual_seed(2))
+    for t in range(steps):
+        decoder.step(tokens[:, t])
+    length = len(prompt) + steps - 1
+    got = decoder.row_cache([2, 0], length)
+    ids = torch.cat([torch.tensor([prompt] * 3), tokens], dim=1)[[2, 0]]
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    for (keys, values), layer in zip(got, cache.layers):
+        assert keys.shape == (2, decoder.kv_heads, length, decoder.head_dim)
+        assert torch.allclose(keys, layer.keys[:, :, :length], atol=1e-5)
+        assert torch.allclose(values, layer.values[:, :, :length], atol=1e-5)
+    with pytest.raises(ValueError, match="the cache has"):
+        decoder.row_cache([0], len(prompt) + steps + 1)
+
+
 def test_sampling_through_the_decoder_gives_the_same_traces(tiny_lm, case):
     lean = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=20, seed=5, lean_decode=True))
     plain = sample_traces(tiny_lm, case, SamplingConfig(k=3, max_new_tokens=20, seed=5, lean_decode=False))

@@ -31,14 +31,17 @@ def test_rows_of_different_lengths_score_like_a_forward_of_each_branch(tiny_lm):
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
     kv = [(layer.keys, layer.values) for layer in cache.layers]
-    scored = score_branches(model, kv, [1, 0], [len(prefixes[1]) - 1, len(prefixes[0]) - 1],
-                            [stems[1], stems[0]], branches, pad)
-    for (stem_logps, branch_logps), row in zip(scored, (1, 0)):
+    order = torch.tensor([1, 0])  # the rows in another order than the cache's
+    kv = [(keys.index_select(0, order), values.index_select(0, order)) for keys, values in kv]
+    scored = score_branches(model, kv, [len(prefixes[1]) - 1, len(prefixes[0]) - 1],
+                            [stems[1], stems[0]], [branches, branches[1:]], pad)  # each row its own branches
+    for (stem_logps, branch_logps), row, own in zip(scored, (1, 0), (branches, branches[1:])):
+        assert len(branch_logps) == len(own)
         context = prefixes[row][:-1] + stems[row]
         stem_tail = stems[row][1:]
         with torch.no_grad():
-            fresh = completion_logps(model, collate(context, branches, pad, "cpu"))
+            fresh = completion_logps(model, collate(context, own, pad, "cpu"))
             fresh_stem = completion_logps(model, collate(prefixes[row], [stem_tail], pad, "cpu"))[0]
         assert stem_logps == pytest.approx(fresh_stem[: len(stem_tail)].tolist(), abs=1e-5)
-        for b, branch in enumerate(branches):
+        for b, branch in enumerate(own):
             assert branch_logps[b] == pytest.approx(fresh[b, : len(branch)].tolist(), abs=1e-5)
