@@ -125,7 +125,9 @@ def test_generate_rank_update_in_the_browser(browser, app_url, served):
     for i in range(4):
         expect(page.locator(f"#trace-card-{i}")).to_be_visible()
     expect(page.locator("#trace-card-4")).to_be_hidden()
-    expect(page.locator("#trace-card-2")).to_contain_text("hard violation")
+    # the cards stand in ranking order: the hard-safety trace C starts at the bottom
+    expect(page.locator("#trace-card-3")).to_contain_text("hard violation")
+    expect(page.locator("#trace-card-3")).to_contain_text("Trace C")
 
     # the <script> trace is shown as text and never runs
     script_text = page.locator("#trace-text-1 textarea")
@@ -149,7 +151,19 @@ def test_generate_rank_update_in_the_browser(browser, app_url, served):
     assert _radio_labels(page)[0].startswith("1. Trace A") and _radio_labels(page)[1].startswith("2. Trace C")
     _select_and_move(page, "Trace D", "#rank-up", times=3)
     assert [label.split(" — ")[0] for label in _radio_labels(page)] == ["1. Trace D", "2. Trace A", "3. Trace C", "4. Trace B"]
-    expect(page.locator("#trace-card-3")).to_contain_text("#1")
+    # the cards moved with the ranking: D's card is first now, B's last
+    expect(page.locator("#trace-card-0")).to_contain_text("#1")
+    expect(page.locator("#trace-card-0")).to_contain_text("Trace D")
+    expect(page.locator("#trace-card-3")).to_contain_text("Trace B")
+    # a comment travels with its card
+    comment = "#trace-comment-{} textarea, #trace-comment-{} input"
+    page.locator(comment.format(0, 0)).first.fill("concise and safe")  # on D
+    _select_and_move(page, "Trace D", "#rank-down", times=1)
+    expect(page.locator("#trace-card-1")).to_contain_text("Trace D")
+    expect(page.locator(comment.format(1, 1)).first).to_have_value("concise and safe")
+    expect(page.locator(comment.format(0, 0)).first).to_have_value("")
+    _select_and_move(page, "Trace D", "#rank-up", times=1)
+    expect(page.locator(comment.format(0, 0)).first).to_have_value("concise and safe")
 
     # a second opinion: another clinician records the same order without training
     annotator = page.locator("#annotator textarea, #annotator input").first
@@ -160,7 +174,7 @@ def test_generate_rank_update_in_the_browser(browser, app_url, served):
 
     # name once, a comment, and one DPO update
     annotator.fill(ANNOTATOR)
-    page.locator("#trace-comment-3 textarea, #trace-comment-3 input").first.fill("concise and safe")
+    page.locator(comment.format(0, 0)).first.fill("concise and safe")  # on D
     started = time.perf_counter()
     page.click("#update-button")
     expect(page.locator("#update-status")).to_contain_text("v0 → v1", timeout=TIMEOUT_MS)

@@ -77,7 +77,9 @@ def test_generate_streams_cards_and_builds_a_rankable_batch(room):
     assert batch["acceptance_rate"] == pytest.approx(0.5)
     final = outs[-1]
     assert all(final[f"card{i}"]["visible"] for i in range(4)) and not final["card4"]["visible"]
-    assert "✓ accepted" in final["card0_head"] and "hard violation" in final["card2_head"]
+    # the cards stand in ranking order: the hard-safety trace's card is last
+    assert "✓ accepted" in final["card0_head"] and "hard violation" in final["card3_head"]
+    assert [final[f"card{i}_text"] for i in range(4)] == [sc.SAFE, sc.SCRIPTED, sc.FOURTH, sc.HARD]
     assert final["card1_text"] == sc.SCRIPTED  # shown raw in a read-only textbox (inert)
     for key, value in final.items():  # no HTML fragment carries the markup unescaped
         if isinstance(value, str) and key != "card1_text":
@@ -140,10 +142,21 @@ def test_ranking_control_refuses_hard_first_and_keeps_a_permutation(room):
     out = rank_tab.move_up(room, out["session"], hard)  # now second; moving up again would make it first
     assert out.get("session") is None and "cannot be placed first" in out["_warning"]
     safe, scripted = by_text(batch, sc.SAFE), by_text(batch, sc.SCRIPTED)
-    out = rank_tab.move_down(room, session, safe)
+    assert batch["order"][:2] == [safe, scripted]
+    text = {t["trace_id"]: t["text"] for t in batch["traces"]}
+    shown = batch_module.cards_view(batch)
+    assert [shown[f"card{i}_text"] for i in range(3)] == [text[t] for t in batch["order"]]  # cards in ranking order
+    written = [f"note on {t}" for t in batch["order"]]  # the comment boxes as shown, slot by slot
+    out = rank_tab.move_down(room, session, safe, *written, *[""] * (batch_module.MAX_CARDS - 3))
     order = out["session"]["batch"]["order"]
     assert order == [scripted, safe, hard] and sorted(order) == sorted(batch["order"])
-    assert out["ranking"]["value"] == safe and "#1" in out["card1_head"]
+    assert out["ranking"]["value"] == safe
+    # the cards moved: each slot shows the trace of its rank, with its own comment carried along
+    assert [out[f"card{i}_text"] for i in range(3)] == [text[t] for t in order]
+    assert [out[f"card{i}_comment"]["value"] for i in range(3)] == [f"note on {t}" for t in order]
+    assert "#1" in out["card0_head"] and "#2" in out["card1_head"]
+    assert rank_tab.comments_by_trace(out["session"]["batch"], [out[f"card{i}_comment"]["value"] for i in range(3)]) \
+        == {t: f"note on {t}" for t in order}
     assert "Select a trace" in rank_tab.move_up(room, session, None)["_warning"]
 
 
@@ -183,7 +196,7 @@ def test_submit_runs_a_dpo_update_and_streams_metrics(room):
     assert len(final["chart_rewards"].data) >= 3 and final["table"][0][0] == "0 → 1"
     [stored] = room.store.rankings("default")
     assert stored["annotator"] == "Dr Ada" and stored["status"] == "applied" and stored["policy_version"] == 0
-    assert stored["comments"] == {session["batch"]["traces"][0]["trace_id"]: "clear and safe"}
+    assert stored["comments"] == {session["batch"]["order"][0]: "clear and safe"}  # the first card shown
     assert stored["trace_ids"] == session["batch"]["order"] and stored["case_id"] == sc.CASE.id
     assert "stored as ranking #" in final["update_status"] and room.describe()["rankings"] == 1
     # each card says what the update did to its trace: the trainer's log-ratio, as a ratio and per token

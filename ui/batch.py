@@ -69,18 +69,32 @@ def positions(batch: dict | None) -> dict[str, int]:
     return {tid: i + 1 for i, tid in enumerate((batch or {}).get("order") or [])}
 
 
+def shown(batch: dict | None) -> list[tuple[int, dict]]:
+    """(index in the batch, trace) of each card slot: the rankable traces in ranking order,
+    so moving a trace up or down moves its card (its letter stays with it)."""
+    traces = (batch or {}).get("traces") or []
+    by_id = {t["trace_id"]: (i, t) for i, t in enumerate(traces)}
+    order = (batch or {}).get("order") or []
+    if sorted(order) != sorted(by_id):  # no ranking yet (or a stale one): batch order
+        return list(enumerate(traces))
+    return [by_id[tid] for tid in order]
+
+
 def card_view(i: int, trace: dict | None = None, live_text: str | None = None, phase: str = "sampling",
-              position: int | None = None, reset_comment: bool = False, change: dict | None = None) -> dict:
-    """Outputs of card slot ``i``: a finished trace, a trace being decoded, or hidden."""
-    comment = {"visible": trace is not None, **({"value": ""} if reset_comment else {})}
+              position: int | None = None, reset_comment: bool = False, change: dict | None = None,
+              index: int | None = None, comment: str | None = None) -> dict:
+    """Outputs of card slot ``i``: a finished trace (``index``: its place in the batch, which
+    names it; ``comment``: the text its comment box gets), a trace being decoded, or hidden."""
+    value = {"value": comment} if comment is not None else ({"value": ""} if reset_comment else {})
+    comment_box = {"visible": trace is not None, **value}
     if trace is not None:
-        head, text, visible = trace_header(trace, i, position, change), trace["text"], True
+        head, text, visible = trace_header(trace, i if index is None else index, position, change), trace["text"], True
     elif live_text is not None:
         head, text, visible = live_header(i, phase), live_text, True
     else:
         head, text, visible = "", "", False
     return {f"card{i}": gr.update(visible=visible), f"card{i}_head": head, f"card{i}_text": text,
-            f"card{i}_comment": gr.update(**comment)}
+            f"card{i}_comment": gr.update(**comment_box)}
 
 
 # everything cards_view returns: the card slots, the below-the-line panel, the other rejected traces
@@ -96,16 +110,18 @@ def cleared_view() -> dict:
     return {"traces_title": traces_title(None), **cards_view(None, reset_comments=True), **ranking_view(None)}
 
 
-def cards_view(batch: dict | None, reset_comments: bool = False) -> dict:
-    """Every card slot for a finished batch: its rankable traces, with their rank."""
-    traces = (batch or {}).get("traces") or []
+def cards_view(batch: dict | None, reset_comments: bool = False, comments: dict[str, str] | None = None) -> dict:
+    """Every card slot for a finished batch: its rankable traces in ranking order, with their
+    rank (``comments``: each trace's comment, by trace id, to carry along when cards move)."""
+    slots = shown(batch)
     pos = positions(batch)
     changes = (batch or {}).get("changes") or {}  # what the update did to each trace, once submitted
     out = {}
     for i in range(MAX_CARDS):
-        trace = traces[i] if i < len(traces) else None
+        index, trace = slots[i] if i < len(slots) else (None, None)
         tid = trace["trace_id"] if trace else None
-        out.update(card_view(i, trace, position=pos.get(tid), reset_comment=reset_comments, change=changes.get(tid)))
+        out.update(card_view(i, trace, position=pos.get(tid), reset_comment=reset_comments, change=changes.get(tid),
+                             index=index, comment=None if comments is None or tid is None else comments.get(tid, "")))
     rejected = (batch or {}).get("rejected") or []
     out["rejected_acc"] = gr.update(label=f"Other rejected traces ({len(rejected)}) — shown for context, not trained on")
     out["rejected_html"] = rejected_html(rejected)
@@ -121,6 +137,8 @@ def live_cards_view(accepted: list[dict], partial: list[str], phase: str, k: int
     for i in range(MAX_CARDS):
         if i < len(accepted):
             out.update(card_view(i, accepted[i]))
+            # no comment box yet: the finished batch may show its cards in another (the ranking's) order
+            out[f"card{i}_comment"] = gr.update(visible=False)
         elif i - len(accepted) < len(live):
             out.update(card_view(i, live_text=live[i - len(accepted)], phase=phase))
         else:
@@ -186,12 +204,22 @@ def ranking_view(batch: dict | None, selected: str | None = None) -> dict:
 
 
 def heads_view(batch: dict | None) -> dict:
-    """Card headers only (their rank badges change when the order changes)."""
-    traces = (batch or {}).get("traces") or []
+    """Card headers only (what the update did to each trace shows in them)."""
     pos = positions(batch)
     changes = (batch or {}).get("changes") or {}  # what the update did to each trace, once submitted
-    return {f"card{i}_head": trace_header(t, i, pos.get(t["trace_id"]), changes.get(t["trace_id"]))
-            for i, t in enumerate(traces[:MAX_CARDS])}
+    return {f"card{i}_head": trace_header(t, index, pos.get(t["trace_id"]), changes.get(t["trace_id"]))
+            for i, (index, t) in enumerate(shown(batch)[:MAX_CARDS])}
+
+
+def moved_cards_view(batch: dict, comments: dict[str, str]) -> dict:
+    """The card slots after a move: header, text and comment of each trace in its new place."""
+    view = cards_view(batch, comments=comments)
+    return {key: view[key] for i in range(MAX_CARDS) for key in (f"card{i}_head", f"card{i}_text", f"card{i}_comment")}
+
+
+def comments_by_trace(batch: dict, comments) -> dict[str, str]:
+    """The comment boxes (one per card slot, in the order the cards are shown) keyed by trace id."""
+    return {t["trace_id"]: (comments[i] if i < len(comments) else "") or "" for i, (_, t) in enumerate(shown(batch))}
 
 
 def traces_title(batch: dict | None) -> str:

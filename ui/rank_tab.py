@@ -3,7 +3,8 @@
 The ranking control is a list of the batch's accepted traces (a radio group,
 top = best) with "move up" / "move down" buttons: it only ever permutes a
 complete list, so duplicates and gaps cannot occur, and a move that would put
-a trace with a hard safety violation first is refused. The server validates
+a trace with a hard safety violation first is refused. The trace cards follow
+the ranking: a move moves the card, its comment with it. The server validates
 the submitted order again (``validate_order``).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rlhf_core.training.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 from rlhf_core.training.bounds import effective, help_text
 from rlhf_core.training.update import DPOConfig, GRPOConfig, OptimConfig, make_config
 
-from .batch import MAX_CARDS, can_reorder, heads_view, ranking_view
+from .batch import MAX_CARDS, can_reorder, comments_by_trace, heads_view, moved_cards_view, ranking_view
 from .case_panel import belief_view
 from .generate_tab import CHART_OUTPUTS
 from .metrics_panel import metrics_view
@@ -30,26 +31,31 @@ DEFAULTS = {"dpo": DPOConfig(), "grpo": GRPOConfig()}
 LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}
 SUBMIT_OUTPUTS = ["session", "update_progress", "update_status", "ranking", "rank_message", "header", "table", *CHART_OUTPUTS,
                   *[f"card{i}_head" for i in range(MAX_CARDS)]]
-MOVE_OUTPUTS = ["session", "ranking", "rank_message", *[f"card{i}_head" for i in range(MAX_CARDS)]]
+COMMENTS = [f"card{i}_comment" for i in range(MAX_CARDS)]
+MOVE_OUTPUTS = ["session", "ranking", "rank_message",
+                *[f"card{i}{part}" for i in range(MAX_CARDS) for part in ("_head", "_text", "_comment")]]
 
 
-def move_trace(room, session: dict, selected: str | None, delta: int) -> dict:
+def move_trace(room, session: dict, selected: str | None, delta: int, *comments) -> dict:
+    """Move the selected trace one place; its card moves with it, carrying its comment
+    (``comments``: the comment boxes as shown, one per card slot)."""
     batch = session.get("batch")
     if not can_reorder(batch):
         return {"_warning": "Nothing to rank: generate traces first."}
     order, refusal = move(batch["order"], selected, delta, batch["traces"])
     if refusal:
         return {"_warning": refusal, "rank_message": status_html(refusal, "warn")}
+    written = comments_by_trace(batch, comments)
     batch = {**batch, "order": order}
-    return {"session": {**session, "batch": batch}, **ranking_view(batch, selected), **heads_view(batch)}
+    return {"session": {**session, "batch": batch}, **ranking_view(batch, selected), **moved_cards_view(batch, written)}
 
 
-def move_up(room, session: dict, selected: str | None) -> dict:
-    return move_trace(room, session, selected, -1)
+def move_up(room, session: dict, selected: str | None, *comments) -> dict:
+    return move_trace(room, session, selected, -1, *comments)
 
 
-def move_down(room, session: dict, selected: str | None) -> dict:
-    return move_trace(room, session, selected, +1)
+def move_down(room, session: dict, selected: str | None, *comments) -> dict:
+    return move_trace(room, session, selected, +1, *comments)
 
 
 def algorithm_changed(room, label: str) -> dict:
@@ -89,11 +95,6 @@ def _what_it_did(result: dict) -> str:
 
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def comments_by_trace(batch: dict, comments) -> dict[str, str]:
-    """The comment boxes (one per card, in trace order) keyed by trace id."""
-    return {t["trace_id"]: (comments[i] if i < len(comments) else "") or "" for i, t in enumerate(batch["traces"])}
 
 
 def record_only(room, session: dict, annotator: str, use_negatives=True, *comments) -> dict:
@@ -227,10 +228,10 @@ def build_rank_panel(room, ui: dict) -> None:
 
 
 def bind_rank(room, ui: dict) -> None:
-    light_event(ui["rank_up"].click, move_up, room, ui, ["session", "ranking"], MOVE_OUTPUTS)
-    light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking"], MOVE_OUTPUTS)
+    light_event(ui["rank_up"].click, move_up, room, ui, ["session", "ranking", *COMMENTS], MOVE_OUTPUTS)
+    light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking", *COMMENTS], MOVE_OUTPUTS)
     light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm"], ["beta", "loss_type"])
-    comments = [f"card{i}_comment" for i in range(MAX_CARDS)]
+    comments = COMMENTS
     light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", "use_negatives", *comments],
                 ["session", "update_status", "ranking", "rank_message"], show_progress="minimal")
     updated = engine_event(ui["update_button"].click, submit, room, ui,
