@@ -11,9 +11,9 @@ accepted trace (or the end, when K is never reached), whether rationalisation
 was needed, accepted traces per second and decoding tokens/s. The batch sweep
 (item "bigger batches where they pay") reruns a subset of the cases with each
 decoding batch size, free samples only, and reports accepted traces per second.
-Both are run with the weights still the reference's (a first generation: no
-reference pass) and, for the default batch, with the reference pass an updated
-policy needs.
+Both are run with the weights still the reference's (a first generation) and
+with an updated policy (its reference log-probs are left to the traces that get
+ranked, as the app does without a reward model).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def readme_block(result: dict) -> str:
              f"{result['sampling']['max_new_tokens']} reasoning tokens, default conclusion mode.", "",
              "| policy | cases | median s to K (or to the end) | reached K | no rationalisation needed | free acceptance | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for label, name in (("first_generation", "v0 (first generation)"), ("after_updates", "updated (reference pass needed)")):
+    for label, name in (("first_generation", "v0 (first generation)"), ("after_updates", "updated (reference pass left to the ranked traces)")):
         if label in result:
             m = result[label]["summary"]
             lines.append(f"| {name} | {m['runs']} | {m['median_seconds_to_k']:.1f} | {m['share_reaching_k']:.0%} | "
@@ -143,10 +143,10 @@ def main(argv=None) -> dict:
     result = {"machine": machine(), "model": args.model, "sampling": asdict(sampling), "rejection": asdict(rejection)}
     for label, pristine in (("first_generation", True), ("after_updates", False)):
         runs = []
-        # as the app samples (ui/runner.py): a workspace's first generation has no reward model
-        # to want the traces' features yet, so it skips their reference pass; afterwards the
-        # pass is needed for the reference log-probs and the features come with it
-        run_sampling = replace(sampling, reward_features=not pristine)
+        # as the app samples (ui/runner.py) without a reward model: no reference pass at
+        # sampling (at v0 the sampled log-probs are the reference's; afterwards the ranked
+        # traces get theirs when the ranking is stored)
+        run_sampling = replace(sampling, reward_features=False)
         for i, case in enumerate(cases if pristine else cases[: max(1, len(cases) // 3)]):
             runs.append(time_to_k(lm, case, replace(run_sampling, seed=100 * i), rejection, pristine))
             print(json.dumps(runs[-1]), flush=True)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from .clinical.cases import Case
 from .belief import ProbeSet
 from .training.checkpoint import load_into, read_manifest, save_checkpoint
-from .rollout.generation import SamplingConfig, fill_features, sample_stream
+from .rollout.generation import SamplingConfig, fill_reference, sample_stream
 from .rollout.records import Trace
 from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .rollout.sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
@@ -166,7 +166,8 @@ class Engine:
         """Store a ranking without updating the policy (e.g. a second annotator of
         the same traces, for the agreement view). Returns the ranking id."""
         with self.lock:
-            fill_features(self.lm, traces, reference_is_policy=self._pristine)
+            # features only: a ranking recorded without an update is not trained on
+            fill_reference(self.lm, traces, reference_is_policy=self._pristine, logps=False)
             return self.store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
                 policy_version=self.version, ranked=ranked, suggestion=suggestion,
@@ -198,8 +199,10 @@ class Engine:
         charts have it). The returned metrics carry ``ranking_id`` and ``update_id``.
         """
         with self.lock:
+            # sampled without a reference pass (no reward model wanted features then): the
+            # ranked traces get their reference log-probs now, stored with the ranking
+            fill_reference(self.lm, traces, reference_is_policy=self._pristine)
             if ranking_id is None:
-                fill_features(self.lm, traces, reference_is_policy=self._pristine)
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,
                     case=case, policy_version=self.version, update_config=_config_dict(config), ranked=ranked,
@@ -210,6 +213,7 @@ class Engine:
                 if found is None or found["workspace"] != self.workspace:
                     raise ValueError(f"ranking {ranking_id} is not in workspace {self.workspace!r}")
                 ranked = found["ranked"]
+                self.store.record_traces(self.workspace, traces)  # what the reference pass just added
             return self.apply_ranking(ranking_id, traces, ranking, config, on_step, extra_metrics or {},
                                       ranked=ranked, case=case, live=True)
 

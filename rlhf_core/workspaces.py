@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .rollout.conclusion import CONCLUSION_MODES
-from .rollout.generation import SamplingConfig
+from .rollout.generation import SamplingConfig, fill_reference, lacks_reference
 from .training.checkpoint import CheckpointError, read_manifest, save_checkpoint, verify_recorded
 from .training.update import make_config
 
@@ -300,6 +300,10 @@ class Workspaces:
         if any(not t.prompt_ids or not t.completion_ids for t in traces):
             store.set_ranking_status(ranking_id, "failed", "its traces have no token data to train on")
             return False
+        missing = [t for t in traces if lacks_reference(t)]
+        if missing:  # stored before their reference pass ran: the reference is fixed, so run it now
+            fill_reference(self.engine.lm, missing)
+            store.record_traces(self.engine.workspace, missing)
         if old is not None:
             cfg, extra = dict(old["config"]), {**old["metrics"], "replayed": True}
         else:

@@ -35,18 +35,25 @@ def test_engine_records_and_resumes_exactly(tmp_path, case):
     eng.update(traces2, [0, 1, 2], CONFIG, annotator="dr-a", case=case)
     assert eng.version == 2 and m1["ranking_id"] and m1["update_id"]
     assert eng.store.latest_checkpoint("default") is None  # every 3 updates only
-    # a third ranking committed, then "crash" before its update
-    traces3 = _samples(eng, case, seed=2)
+    # a third ranking committed, then "crash" before its update; its traces were sampled as
+    # the app samples an updated policy without a reward model: no reference pass yet
+    traces3 = sample_traces(eng.lm, case, SamplingConfig(k=3, max_new_tokens=5, seed=2, temperature=1.5,
+                                                         reward_features=False), eng.version)
+    assert all(t.ref_logps == [] for t in traces3)
     pending = eng.store.record_ranking(
         "default", traces3, [1, 2, 0], "dr-b", case=case, update_config={"algorithm": "dpo", "steps": 2, "lr": 1e-3}
     )
     eng.update(traces3, [1, 2, 0], CONFIG, ranking_id=pending)  # what the crashed run would have done
+    assert all(eng.store.trace("default", t.trace_id).ref_logps == t.ref_logps != [] for t in traces3)
     expected = _logps(eng, traces)
     hist = eng.workspaces.history()
     assert [h["version"] for h in hist] == [1, 2, 3] and hist[0]["acceptance_rate"] == 0.25
     assert eng.store.latest_checkpoint("default")["version"] == 3
 
     # restart with no checkpoint of the first update's state: replay from the reference
+    # (the third ranking's traces as stored before its update: the replay runs their reference pass)
+    eng.store._conn.execute("UPDATE traces SET ref_logps = '[]' WHERE trace_id IN (?, ?, ?)",
+                            tuple(t.trace_id for t in traces3))
     eng.store._conn.execute("UPDATE checkpoints SET deleted = 1")
     eng.store._conn.execute("UPDATE rankings SET status = 'pending' WHERE id = ?", (pending,))
     eng.store._conn.execute("DELETE FROM updates WHERE ranking_id = ?", (pending,))

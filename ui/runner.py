@@ -31,12 +31,13 @@ class Runner:
 
     def sample(self, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> Iterator[SamplerEvent]:
         """Rejection-sample verified traces, streaming ``SamplerEvent``s (the last is "done"
-        and carries a ``generation_id``). Every trace drawn is stored. While the policy is
-        still the reference and no reward model can suggest an order yet, the traces are
-        sampled without reward-model features (an extra pass, ~35% of a batch's time on
-        SmolLM2); the ranked ones get theirs when the ranking is stored (``Engine``)."""
+        and carries a ``generation_id``). Every trace drawn is stored. While no reward model
+        can suggest an order, the traces are sampled without reward-model features and, once
+        the policy has moved, without their reference log-probs: both come from a reference
+        pass over every row (~1/3 of a batch's time on SmolLM2), which only the ranked ones
+        need (``Engine`` gives it to them when the ranking is stored)."""
         room = self.room
-        if sampling.reward_features and room.engine.is_reference and room.advisor.model(room.workspace) is None:
+        if sampling.reward_features and room.advisor.model(room.workspace) is None:
             sampling = dataclasses.replace(sampling, reward_features=False)
 
         def work(emit, cancelled):

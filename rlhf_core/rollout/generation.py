@@ -1,10 +1,12 @@
 """Sampling K reasoning traces for a case, streamed token by token.
 
 The prompt is run through the model once and its key/value cache is shared by
-the K samples, which then decode together in one batch. After sampling, one
-teacher-forced pass under the policy and one under the reference give every
-trace its per-token "old" and reference log-probs, stored with the trace so an
-update never has to run the reference model again.
+the K samples, which then decode together in one batch. The "old" per-token
+log-probs come from the decoding logits; the reference's come from one
+teacher-forced pass, run when the traces are sampled if a reward model wants
+their features then (or free, while the policy is still the reference), else
+only for the traces that get ranked (``fill_reference``). Both are stored with
+the trace, so an update never has to run the reference model again.
 """
 from __future__ import annotations
 
@@ -58,10 +60,11 @@ class SamplingConfig:
     # no reasoning before it is rejected as degenerate
     min_reasoning_tokens: int = setting(32, "No end token before this many reasoning tokens (Hugging Face's "
                                             "min_new_tokens; capped at max_new_tokens).")
-    # free where the reference pass runs anyway; one extra teacher-forced pass while the
-    # policy is still the reference (version 0)
+    # one teacher-forced pass of the reference over every sampled row; without it an updated
+    # policy's traces get their reference log-probs when they are ranked (``fill_reference``),
+    # so sampling itself runs no reference pass
     reward_features: bool = setting(True, "Store the reference's pooled hidden states with each trace "
-                                          "(features.py), which the reward model learns from.")
+                                          "(features.py), which the reward model learns from, at sampling.")
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_reasoning_tokens <= 4096:
@@ -131,19 +134,29 @@ def reference_pass(lm: LoadedModel, prompt_ids: list[int], completions: list[lis
     return _rows(logps, completions), [encode_features(row) for row in pooled]
 
 
-def fill_features(lm: LoadedModel, traces: list[Trace], reference_is_policy: bool = False) -> None:
-    """Give the traces that lack them their reward-model features (one reference pass per
-    prompt): sampling skips the pass while the policy is the reference and no reward model
-    needs them yet, so what a clinician ranks is still learnable later."""
+def lacks_reference(trace: Trace) -> bool:
+    """Whether the trace was sampled without its reference log-probs (``fill_reference``)."""
+    return len(trace.ref_logps) != len(trace.completion_ids)
+
+
+def fill_reference(lm: LoadedModel, traces: list[Trace], reference_is_policy: bool = False,
+                   logps: bool = True) -> None:
+    """Give the traces what the reference's teacher-forced pass gives and they lack (one pass
+    per prompt): reward-model features, and with ``logps`` reference log-probs. Sampling skips
+    the pass unless a reward model wants the features then, so only the traces a clinician
+    ranks pay for it (an update needs their reference log-probs; the features keep what was
+    ranked learnable by a later reward model)."""
     missing: dict[tuple, list[Trace]] = {}
     for t in traces:
-        if not t.features and t.completion_ids and t.prompt_ids:
+        if t.completion_ids and t.prompt_ids and (not t.features or (logps and lacks_reference(t))):
             missing.setdefault(tuple(t.prompt_ids), []).append(t)
     for prompt, group in missing.items():
-        _, features = reference_pass(lm, list(prompt), [t.completion_ids for t in group], features=True,
-                                     reference_is_policy=reference_is_policy)
-        for t, f in zip(group, features):
-            t.features = f
+        ref, features = reference_pass(lm, list(prompt), [t.completion_ids for t in group], features=True,
+                                       reference_is_policy=reference_is_policy)
+        for t, r, f in zip(group, ref, features):
+            t.features = t.features or f
+            if logps and lacks_reference(t):
+                t.ref_logps = r
 
 
 def reference_logps(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
@@ -153,16 +166,20 @@ def reference_logps(lm: LoadedModel, prompt_ids: list[int], completions: list[li
 
 def score_completions(
     lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]], reference_is_policy: bool = False,
-    features: bool = False,
+    features: bool = False, reference: bool = True,
 ) -> tuple[list[list[float]], list[list[float]], list[str]]:
     """(policy log-probs, reference log-probs, features) per completion, without grad
-    (one pass when the caller knows the policy is still the reference)."""
+    (one pass when the caller knows the policy is still the reference). Without
+    ``reference`` (and ``features``) no reference pass runs: its log-probs are left
+    empty for ``fill_reference``."""
     if reference_is_policy:  # one pass gives both (and the features, from the same hidden states)
         ref, feats = reference_pass(lm, prompt_ids, completions, features, reference_is_policy=True)
         return [list(x) for x in ref], ref, feats
     batch = collate(prompt_ids, completions, lm.tokenizer.pad_token_id, lm.device)
     with torch.no_grad():
         old = _rows(completion_logps(lm.model, batch), completions)
+    if not (reference or features):
+        return old, [[] for _ in completions], []
     ref, feats = reference_pass(lm, prompt_ids, completions, features)
     return old, ref, feats
 
@@ -272,7 +289,9 @@ def sample_stream(
     still scored and stored against the un-hinted prompt. ``ignore_eos``
     decodes exactly max_new_tokens per row with no stopping rule (benchmarks only).
     ``reference_is_policy`` (the caller knows the weights are still the reference's):
-    the reference log-probs are the policy's, so no reference pass runs.
+    the reference log-probs are the policy's, so no reference pass runs. Otherwise the
+    reference pass runs only with ``config.reward_features``; without them the traces'
+    reference log-probs are left empty for ``fill_reference`` (an update fills them).
 
     A caller that watches the rows as they finish sends ``False`` into the stream after
     each update (``stream.send(False)``): from then on the rows that stopped reasoning are
@@ -344,15 +363,17 @@ def sample_stream(
             # a hinted trace is trained as answering the plain prompt: its "old"
             # log-probs must be taken under that prompt, not the one it was sampled from
             old_logps, ref_logps, features = score_completions(lm, train_prompt, rows, reference_is_policy,
-                                                               config.reward_features)
+                                                               config.reward_features, reference=False)
         else:
             features = []
             if reference_is_policy:  # the reference's log-probs are the sampled ones; a pass only for features
                 ref_logps = [list(x) for x in sampled_logps]
                 if config.reward_features:
                     features = reference_pass(lm, train_prompt, rows, features=True, reference_is_policy=True)[1]
-            else:
-                ref_logps, features = reference_pass(lm, train_prompt, rows, config.reward_features)
+            elif config.reward_features:
+                ref_logps, features = reference_pass(lm, train_prompt, rows, True)
+            else:  # left for the traces that get ranked (fill_reference)
+                ref_logps = [[] for _ in rows]
             old_logps = sampled_logps
     finally:
         model.train(was_training)

@@ -69,9 +69,13 @@ class TraceRows:
                 _dumps(t.conclusion), t.features or None,
             ),
         )
-        if not cur.rowcount and t.features:  # stored at sampling without features, computed since (ranked)
+        # stored at sampling without features or reference log-probs, computed since (ranked)
+        if not cur.rowcount and t.features:
             conn.execute("UPDATE traces SET features = ? WHERE workspace = ? AND trace_id = ? AND features IS NULL",
                          (t.features, workspace, t.trace_id))
+        if not cur.rowcount and has_tokens and t.ref_logps:
+            conn.execute("UPDATE traces SET ref_logps = ? WHERE workspace = ? AND trace_id = ? AND ref_logps = '[]'",
+                         (_dumps(list(t.ref_logps)), workspace, t.trace_id))
         return cur.rowcount
 
     @staticmethod

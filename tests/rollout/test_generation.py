@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhf_core.rollout.generation import SamplingConfig, sample_stream, sample_traces
@@ -133,3 +134,39 @@ def test_while_the_policy_is_the_reference_its_logps_serve_as_reference_logps(ti
             assert a.completion_ids == b.completion_ids
             assert a.ref_logps == a.old_logps  # no reference pass ran
             assert torch.allclose(torch.tensor(a.ref_logps), torch.tensor(b.ref_logps), atol=1e-4)
+
+
+def test_an_updated_policy_samples_without_a_reference_pass_and_ranked_traces_get_theirs(tmp_path, case):
+    """Without a reward model wanting features, sampling leaves the reference log-probs to the
+    traces that get ranked: the update fills them (the numbers a pass at sampling gives),
+    stores them with the traces and trains on them; an unfilled trace is refused."""
+    from rlhf_core.engine import Engine
+    from rlhf_core.rollout.generation import fill_reference, lacks_reference
+    from rlhf_core.training.update import DPOConfig
+
+    engine = Engine("tiny-random", device="cpu", store=tmp_path / "db.sqlite")
+    lm = engine.lm
+    first = sample_traces(lm, case, SamplingConfig(k=2, max_new_tokens=8, seed=1), reference_is_policy=True)
+    engine.update(first, [0, 1], DPOConfig(steps=1, lr=1e-3), case=case)  # the policy moves off the reference
+    calls = []
+    original = engine.lm.reference
+    engine.lm.reference = lambda: calls.append(1) or original()
+    try:
+        config = SamplingConfig(k=3, max_new_tokens=8, seed=2, reward_features=False)
+        bare = sample_traces(lm, case, config, policy_version=engine.version)
+        hinted = sample_traces(lm, case, config, hint=case.answer, policy_version=engine.version)
+    finally:
+        engine.lm.reference = original
+    assert calls == [] and all(lacks_reference(t) and t.ref_logps == [] and not t.features for t in bare + hinted)
+    assert all(len(t.old_logps) == len(t.completion_ids) for t in bare + hinted)
+    with pytest.raises(ValueError, match="fill them first"):
+        engine.trainer.update(bare, [0, 1, 2], DPOConfig(steps=1))
+    full = sample_traces(lm, case, SamplingConfig(k=3, max_new_tokens=8, seed=2), policy_version=engine.version)
+    engine.store.record_traces(engine.workspace, bare, case)  # stored when sampled, without them
+    engine.update(bare, [2, 0, 1], DPOConfig(steps=1, lr=1e-3), case=case)
+    for b, f in zip(bare, full):
+        assert b.completion_ids == f.completion_ids
+        assert b.ref_logps == pytest.approx(f.ref_logps, abs=1e-5) and b.features
+        assert engine.store.trace(engine.workspace, b.trace_id).ref_logps == pytest.approx(f.ref_logps, abs=1e-5)
+    fill_reference(lm, hinted)
+    assert not any(lacks_reference(t) for t in hinted)
