@@ -98,13 +98,15 @@ def _decoder_and_head(model: torch.nn.Module):
     return decoder, head
 
 
-def chunked_head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+def chunked_head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = HEAD_CHUNK,
+                       recompute: bool = True) -> torch.Tensor:
     """Log-probs of ``targets`` from final hidden states, HEAD_CHUNK positions at a time.
 
-    Under grad each chunk is checkpointed, so its [K, chunk, V] logits and
-    softmax are rebuilt in backward instead of all T positions' being kept:
-    on SmolLM2 (V = 49k) that is ~0.4 GB less at the peak of an update, for one
-    extra LM-head matmul.
+    Under grad with ``recompute`` each chunk is checkpointed, so its [K, chunk, V]
+    logits are rebuilt in backward instead of all T positions' being kept: on
+    SmolLM2 (V = 49k) that is ~0.4 GB less at the peak of an update, for one
+    extra LM-head matmul (~4% of a LoRA update's time), so updates ask for it only
+    with activation checkpointing (memory short).
 
     Args:
         hidden: [K, T, H]; targets: [K, T]. Returns: [K, T] float32.
@@ -116,7 +118,8 @@ def chunked_head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     pieces = []
     for start in range(0, hidden.shape[1], chunk):
         h, t = hidden[:, start : start + chunk], targets[:, start : start + chunk]
-        pieces.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+        pieces.append(checkpoint(piece, h, t, use_reentrant=False) if recompute and torch.is_grad_enabled()
+                      else piece(h, t))
     return torch.cat(pieces, dim=1)
 
 
@@ -205,7 +208,8 @@ def completion_logps(
     Padding is on the right only, so causal attention never lets a real token
     see a pad and no attention mask is needed. ``checkpoint_layers`` (under
     grad, shared-prompt path) recomputes each decoder layer in backward
-    instead of keeping its activations (see ``checkpointed_layers``).
+    instead of keeping its activations (see ``checkpointed_layers``), and the
+    LM head's logits with it (``chunked_head_logps``).
 
     Returns:
         [K, T] float32 log-probs, 0 at padding positions. Differentiable when
@@ -239,8 +243,8 @@ def _completion_logps(model: torch.nn.Module, batch: CompletionBatch, share_prom
                 if t > 1:
                     rest = decoder(input_ids=batch.completion_ids[:, :-1], past_key_values=cache, use_cache=True)
                     hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)
-                logps = chunked_head_logps(head, hidden, batch.completion_ids) * batch.completion_mask
-                return logps, hidden if return_hidden else None
+                logps = chunked_head_logps(head, hidden, batch.completion_ids, recompute=checkpoint_layers)
+                return logps * batch.completion_mask, hidden if return_hidden else None
     if return_hidden and (parts := _decoder_and_head(model)) is not None:
         decoder, head = parts  # the head's input is the decoder's last_hidden_state
         hidden = decoder(input_ids=batch.input_ids, use_cache=False).last_hidden_state[:, p - 1 : p + t - 1, :]

@@ -116,13 +116,14 @@ def test_chunked_lm_head_matches_unchunked_values_and_gradients(tiny_lm):
     hidden = torch.randn(3, 10, head.in_features, requires_grad=True)
     targets = torch.randint(0, head.out_features, (3, 10))
     results = []
-    for chunk in (3, 100):
-        out = chunked_head_logps(head, hidden, targets, chunk=chunk)
+    for chunk, recompute in ((3, True), (100, True), (3, False)):  # recomputed in backward, or kept
+        out = chunked_head_logps(head, hidden, targets, chunk=chunk, recompute=recompute)
         (out * torch.arange(10.0)).sum().backward()
         results.append((out.detach(), hidden.grad.clone(), head.weight.grad.clone()))
         hidden.grad, head.weight.grad = None, None
-    (a, ga, wa), (b, gb, wb) = results
-    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and torch.allclose(wa, wb, atol=1e-6)
+    (a, ga, wa) = results[0]
+    for b, gb, wb in results[1:]:
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and torch.allclose(wa, wb, atol=1e-6)
 
 
 def test_while_the_policy_is_the_reference_its_logps_serve_as_reference_logps(tiny_lm, case):
