@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from rlhf_core.rollout.generation import SamplingConfig, sample_traces, score_completions
+from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+from rlhf_core.rollout.teacher import score_completions
 
 from rlhf_core.rollout.records import Trace
 from rlhf_core.model.models import load_model
@@ -93,19 +94,25 @@ def gemm_peak_gflops(repeats: int = 20) -> float:
     return best
 
 
-def update_gflop(lm, prompt_len: int, completion_lens: list[int], lora: bool, checkpointed: bool) -> float:
-    """Approximate float32 FLOPs of one ``PolicyTrainer.update`` step plus its KL pass,
-    in GFLOP: 2 per parameter per token forward (decoder layers at every position,
-    the LM head at completion positions, once more in backward as it is recomputed),
-    backward 2x the forward for full fine-tuning (weight and input gradients), 1x
-    with LoRA (input gradients; the adapters' own are negligible), one more forward
-    with activation checkpointing, and the post-update KL pass (one forward)."""
+def parameter_counts(lm) -> tuple[int, int]:
+    """(decoder-layer parameters, LM-head parameters) of a loaded model."""
     base = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-    layers = sum(p.numel() for p in base.get_decoder().layers.parameters())
-    head = base.get_output_embeddings().weight.numel()
+    return (sum(p.numel() for p in base.get_decoder().layers.parameters()),
+            base.get_output_embeddings().weight.numel())
+
+
+def step_gflop(layers: int, head: int, prompt_len: int, completion_lens: list[int], lora: bool,
+               checkpointed: bool) -> float:
+    """Approximate float32 FLOPs of one ``PolicyTrainer.update`` step plus its KL pass, in
+    GFLOP, for ``layers`` decoder-layer and ``head`` LM-head parameters: 2 per parameter
+    per token forward (decoder layers at every position, the LM head at completion
+    positions), backward 2x the forward for full fine-tuning (weight and input gradients),
+    1x with LoRA (input gradients; the adapters' own are negligible), one more forward with
+    activation checkpointing (layers and LM head recomputed in backward), and the
+    post-update KL pass (one forward)."""
     tokens, completion = prompt_len + sum(completion_lens), sum(completion_lens)
     forward = 2 * (layers * tokens + head * completion)
-    backward = (1 if lora else 2) * forward + 2 * head * completion  # the chunked head runs again in backward
+    backward = (1 if lora else 2) * forward
     step = forward + backward + (forward if checkpointed else 0)
     return (step + forward) / 1e9
 
@@ -182,7 +189,9 @@ def main(argv=None) -> list[dict]:
         ours_ck_t, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)
         trl_t, trl_m = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr)
         trl_pre_t, _ = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr, precompute=True)
-        gflop = update_gflop(lm, len(prompt_ids), [len(c) for c in completions], lora, checkpointed=False)
+        layer_params, head_params = parameter_counts(lm)
+        gflop = step_gflop(layer_params, head_params, len(prompt_ids), [len(c) for c in completions], lora,
+                           checkpointed=False)
         row = {
             "benchmark": "update", "mode": mode, "model": args.model, "machine": machine(),
             "pairs": math.comb(args.k, 2), "prompt_tokens": len(prompt_ids),
@@ -191,7 +200,7 @@ def main(argv=None) -> list[dict]:
             "speedup": median(trl_t) / median(ours_t),
             "ours_checkpointed_update_s": median(ours_ck_t), "speedup_checkpointed": median(trl_t) / median(ours_ck_t),
             "trl_precomputed_step_s": median(trl_pre_t), "speedup_vs_precomputed": median(trl_pre_t) / median(ours_t),
-            "update_gflop": gflop, "gemm_peak_gflops": peak,
+            "update_gflop": gflop, "gemm_peak_gflops": peak, "layer_params": layer_params, "head_params": head_params,
             "roofline_fraction": gflop / median(ours_t) / peak,
             "loss_ours": ours_m["loss"], "loss_trl": trl_m.get("loss"),
             "logps_chosen_ours": ours_m["logps/chosen"], "logps_chosen_trl": trl_m.get("logps/chosen"),

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 from .clinical.cases import Case
 from .belief import ProbeSet
 from .training.checkpoint import load_into, read_manifest, save_checkpoint
-from .rollout.generation import SamplingConfig, fill_reference, sample_stream
+from .rollout.generation import SamplingConfig, sample_stream
+from .rollout.teacher import fill_reference
 from .rollout.records import Trace
 from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .rollout.sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .rollout.conclusion import CONCLUSION_MODES
-from .rollout.generation import SamplingConfig, fill_reference, lacks_reference
+from .rollout.generation import SamplingConfig
+from .rollout.teacher import fill_reference, lacks_reference
 from .training.checkpoint import CheckpointError, read_manifest, save_checkpoint, verify_recorded
 from .training.update import make_config
 

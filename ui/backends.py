@@ -20,7 +20,8 @@ import time
 from typing import Callable, Iterator
 
 from rlhf_core.clinical.cases import Case
-from rlhf_core.rollout.generation import GenerationUpdate, SamplingConfig, build_traces, eos_token_ids, score_completions
+from rlhf_core.rollout.generation import GenerationUpdate, SamplingConfig, build_traces, eos_token_ids
+from rlhf_core.rollout.teacher import score_completions
 from rlhf_core.rollout.prompts import build_messages, encode_prompt
 
 GenerateFn = Callable[[object, Case, SamplingConfig, "str | None"], Iterator[GenerationUpdate]]

@@ -251,7 +251,7 @@ class PolicyTrainer:
             if not len(tr.old_logps) == len(tr.ref_logps) == len(tr.completion_ids):
                 raise ValueError(f"trace {i} ({tr.trace_id}) has {len(tr.old_logps)} old and {len(tr.ref_logps)} reference "
                                  f"log-probs for {len(tr.completion_ids)} tokens: fill them first "
-                                 "(rollout.generation.fill_reference)")
+                                 "(rollout.teacher.fill_reference)")
             if not all(map(math.isfinite, itertools.chain(tr.old_logps, tr.ref_logps))):
                 raise ValueError(f"trace {i} ({tr.trace_id}) has non-finite stored log-probs: it cannot be trained on")
         lm = self.lm

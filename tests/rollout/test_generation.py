@@ -142,7 +142,7 @@ def test_an_updated_policy_samples_without_a_reference_pass_and_ranked_traces_ge
     traces that get ranked: the update fills them (the numbers a pass at sampling gives),
     stores them with the traces and trains on them; an unfilled trace is refused."""
     from rlhf_core.engine import Engine
-    from rlhf_core.rollout.generation import fill_reference, lacks_reference
+    from rlhf_core.rollout.teacher import fill_reference, lacks_reference
     from rlhf_core.training.update import DPOConfig
 
     engine = Engine("tiny-random", device="cpu", store=tmp_path / "db.sqlite")
