@@ -64,11 +64,6 @@ def fill_reference(lm: LoadedModel, traces: list[Trace], reference_is_policy: bo
                 t.ref_logps = r
 
 
-def reference_logps(lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
-    """Per-token reference log-probs of each completion (one teacher-forced pass)."""
-    return reference_pass(lm, prompt_ids, completions)[0]
-
-
 def score_completions(
     lm: LoadedModel, prompt_ids: list[int], completions: list[list[int]], reference_is_policy: bool = False,
     features: bool = False, reference: bool = True,
