@@ -202,7 +202,7 @@ class Engine:
         with self.lock:
             # sampled without a reference pass (no reward model wanted features then): the
             # ranked traces get their reference log-probs now, stored with the ranking
-            fill_reference(self.lm, traces, reference_is_policy=self._pristine)
+            filled = fill_reference(self.lm, traces, reference_is_policy=self._pristine)
             if ranking_id is None:
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,
@@ -214,7 +214,8 @@ class Engine:
                 if found is None or found["workspace"] != self.workspace:
                     raise ValueError(f"ranking {ranking_id} is not in workspace {self.workspace!r}")
                 ranked = found["ranked"]
-                self.store.record_traces(self.workspace, traces)  # what the reference pass just added
+                if filled:  # the ranking's traces are stored already: add what the reference pass gave them
+                    self.store.record_traces(self.workspace, filled)
             return self.apply_ranking(ranking_id, traces, ranking, config, on_step, extra_metrics or {},
                                       ranked=ranked, case=case, live=True)
 

@@ -301,10 +301,10 @@ class Workspaces:
         if any(not t.prompt_ids or not t.completion_ids for t in traces):
             store.set_ranking_status(ranking_id, "failed", "its traces have no token data to train on")
             return False
-        missing = [t for t in traces if lacks_reference(t)]
-        if missing:  # stored before their reference pass ran: the reference is fixed, so run it now
-            fill_reference(self.engine.lm, missing)
-            store.record_traces(self.engine.workspace, missing)
+        # stored before their reference pass ran: the reference is fixed, so run it now
+        filled = fill_reference(self.engine.lm, [t for t in traces if lacks_reference(t)])
+        if filled:
+            store.record_traces(self.engine.workspace, filled)
         if old is not None:
             cfg, extra = dict(old["config"]), {**old["metrics"], "replayed": True}
         else:

@@ -231,12 +231,11 @@ def bind_rank(room, ui: dict) -> None:
     light_event(ui["rank_up"].click, move_up, room, ui, ["session", "ranking", *COMMENTS], MOVE_OUTPUTS)
     light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking", *COMMENTS], MOVE_OUTPUTS)
     light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm"], ["beta", "loss_type"])
-    comments = COMMENTS
-    light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", "use_negatives", *comments],
+    light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", "use_negatives", *COMMENTS],
                 ["session", "update_status", "ranking", "rank_message"], show_progress="minimal")
     updated = engine_event(ui["update_button"].click, submit, room, ui,
                            ["session", "annotator", "algorithm", "beta", "lr", "steps", "loss_type", "use_negatives",
-                            *comments],
+                            *COMMENTS],
                            SUBMIT_OUTPUTS,
                            show_progress="minimal", show_progress_on=[ui["update_progress"]])
     # the belief chart refreshes after every update

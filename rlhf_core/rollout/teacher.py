@@ -45,12 +45,12 @@ def lacks_reference(trace: Trace) -> bool:
 
 
 def fill_reference(lm: LoadedModel, traces: list[Trace], reference_is_policy: bool = False,
-                   logps: bool = True) -> None:
+                   logps: bool = True) -> list[Trace]:
     """Give the traces what the reference's teacher-forced pass gives and they lack (one pass
-    per prompt): reward-model features, and with ``logps`` reference log-probs. Sampling skips
-    the pass unless a reward model wants the features then, so only the traces a clinician
-    ranks pay for it (an update needs their reference log-probs; the features keep what was
-    ranked learnable by a later reward model)."""
+    per prompt): reward-model features, and with ``logps`` reference log-probs. Returns the
+    traces it gave something to. Sampling skips the pass unless a reward model wants the
+    features then, so only the traces a clinician ranks pay for it (an update needs their
+    reference log-probs; the features keep what was ranked learnable by a later reward model)."""
     missing: dict[tuple, list[Trace]] = {}
     for t in traces:
         if t.completion_ids and t.prompt_ids and (not t.features or (logps and lacks_reference(t))):
@@ -62,6 +62,7 @@ def fill_reference(lm: LoadedModel, traces: list[Trace], reference_is_policy: bo
             t.features = t.features or f
             if logps and lacks_reference(t):
                 t.ref_logps = r
+    return [t for group in missing.values() for t in group]
 
 
 def score_completions(
