@@ -6,7 +6,7 @@ Subpackages, bottom up (each imports only from those above it in this list):
   diagnosis verifier), ``safety`` (the safety checker), ``untrusted`` (the pass
   over uploaded values); no torch;
 * ``model``: ``models`` (registry, loading, the frozen reference),
-  ``cpu_linear`` (oneDNN linear layers), ``fastdecode`` (the lean CPU decoding
+  ``cpu_linear`` (oneDNN linear layers where they beat MKL), ``fastdecode`` (the lean CPU decoding
   step), ``allocator`` (jemalloc);
 * ``rollout``: ``records`` (``Trace``, plain data), ``prompts``, ``conclusion``
   (the constrained conclusion step), ``decoding``, ``logprobs``, ``generation``

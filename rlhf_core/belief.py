@@ -119,7 +119,7 @@ def _chunk_beliefs(model, lm: LoadedModel, cases: list[Case], completions: list[
         if any(t.prompt_ids != prompt for t in traces):
             raise ValueError(f"completions of case {case.id!r} must continue its prompt")
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    with onednn_linear(model, enabled=lm.device.type == "cpu"):  # ~2x MKL on AMD (cpu_linear.py)
+    with onednn_linear(model, enabled=lm.device.type == "cpu"):  # oneDNN where it beats MKL here (cpu_linear.py)
         kv = _prompt_rows(model, lm, prompts)
         ends = [len(p) - 1 for p in prompts]  # each prompt's last token is re-fed: its logits predict what follows
         conclusions = score_branches(model, kv, ends, [[p[-1], *_scaffold(lm)] for p in prompts],

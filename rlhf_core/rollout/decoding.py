@@ -84,7 +84,8 @@ def open_decoding(model, prompt_ids: list[int], k: int, device, max_len: int, le
     decoder = LlamaDecoder.build(model, k, max_len) if lean else None
     if decoder is not None:
         return BatchDecoding(decoder.prefill(prompt_ids).expand(k, -1), decoder.step, decoder.row_cache)
-    # float32 CPU matmuls through oneDNN (cpu_linear.py): ~1.45x a SmolLM2 step at 4 rows on AMD
+    # float32 CPU matmuls through oneDNN where it beats MKL (cpu_linear.py; ~1.45x a SmolLM2 step
+    # at 4 rows on the AVX-512 AMD VM)
     on_cpu = torch.device(device).type == "cpu"
     with onednn_linear(model, enabled=on_cpu):
         out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)

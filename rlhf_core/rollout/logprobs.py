@@ -217,7 +217,7 @@ def completion_logps(
         final hidden states that predict each completion token (what the head
         reads; ``features.pool_hidden`` turns them into reward-model features).
     """
-    # Without grad, float32 CPU matmuls go through oneDNN (cpu_linear.py). Under grad
+    # Without grad, float32 CPU matmuls go through oneDNN where it wins (cpu_linear.py). Under grad
     # the caller decides, as backward (and any recomputation of checkpointed
     # segments in it) must run under the same routing as the forward.
     with onednn_linear(model, enabled=batch.input_ids.device.type == "cpu" and not torch.is_grad_enabled()):

@@ -320,7 +320,7 @@ def train(args: argparse.Namespace) -> dict:
         for epoch in range(args.epochs):
             for idx in loader:
                 idx = [int(i) for i in idx]
-                # forward and backward through oneDNN on CPU (cpu_linear.py), as in the online update
+                # forward and backward through oneDNN on CPU where it wins (cpu_linear.py), as in the online update
                 with accelerator.accumulate(model), onednn_linear(lm.model, enabled=accelerator.device.type == "cpu"):
                     batch = pair_batch([data[i] for i in idx], tok.pad_token_id, accelerator.device)
                     scores = sequence_scores(batch_logps(model, batch), batch["completion_mask"], args.loss_type)

@@ -38,6 +38,7 @@ def test_frozen_weight_gets_no_gradient_and_input_does():
 
 
 def _spy(monkeypatch) -> list:
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "onednn")  # route every layer, whichever is faster here
     calls = []
     real = cpu_linear._linear_pointwise
     monkeypatch.setattr(cpu_linear, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
@@ -96,3 +97,39 @@ def test_nesting_is_harmless_and_disabled_does_nothing(monkeypatch):
     assert calls == [1, 1]
     layer(torch.randn(2, 4))  # off again after the block
     assert calls == [1, 1]
+
+
+def test_the_library_choice_is_measured_once_per_shape_unless_fixed(monkeypatch):
+    timed = []
+    monkeypatch.setattr(cpu_linear, "_faster_here", {})
+    monkeypatch.setattr(cpu_linear, "_time_onednn_against_mkl", lambda out, inn: timed.append((out, inn)) or out > 4)
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "auto")
+    assert cpu_linear.onednn_wins(6, 8) and not cpu_linear.onednn_wins(3, 8)
+    assert cpu_linear.onednn_wins(6, 8)
+    assert timed == [(6, 8), (3, 8)]  # remembered, not timed again
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "mkl")
+    assert not cpu_linear.onednn_wins(6, 8)
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "onednn")
+    assert cpu_linear.onednn_wins(3, 8)
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "fastest")
+    with pytest.raises(ValueError, match="RLHF_CPU_LINEAR='fastest'"):
+        cpu_linear.onednn_wins(6, 8)
+    assert timed == [(6, 8), (3, 8)]
+
+
+def test_a_block_routes_only_the_layers_whose_shape_onednn_wins(monkeypatch):
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "auto")
+    monkeypatch.setattr(cpu_linear, "_faster_here", {(6, 8): True, (3, 6): False})
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+    calls = []
+    real = cpu_linear._linear_pointwise
+    monkeypatch.setattr(cpu_linear, "_linear_pointwise", lambda *a: calls.append(a[1].shape) or real(*a))
+    x = torch.randn(2, 8)
+    with onednn_linear(model):
+        routed = model(x)
+    assert calls == [torch.Size([6, 8])]
+    assert torch.allclose(routed, model(x), atol=1e-5)
+
+
+def test_the_timing_picks_a_library_for_a_real_shape():
+    assert isinstance(cpu_linear._time_onednn_against_mkl(64, 32, rows=16, repeats=1), bool)

@@ -128,6 +128,7 @@ def test_one_batched_pass_per_step_plus_one_for_kl_and_no_reference(tiny_lm, tra
 
 @pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
 def test_update_runs_every_linear_layer_through_onednn_and_restores_them(tiny_lm, traces, monkeypatch):
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "onednn")  # every layer, whichever is faster here
     calls = []
     real = cpu_linear._linear_pointwise
     monkeypatch.setattr(cpu_linear, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
