@@ -27,11 +27,19 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _with_expected(observed: float, expected: float | None) -> str:
+    return _pct(observed) if expected is None else f"{_pct(observed)} (expected {_pct(expected)})"
+
+
 def table(reports: dict[str, dict]) -> str:
     first = next(iter(reports.values()))["settings"]
     rows = [
         f"Model `{first['model']}`, {first['samples']} un-hinted samples per case, temperature "
-        f"{first['temperature']}, seed {first['seed']}, the whole bundled library.",
+        f"{first['temperature']}, seed {first['seed']}, the whole bundled library. *Expected*: the same "
+        "outcome averaged over the constrained conclusion's draw, given the reasoning each trace sampled "
+        "(each trace counts the model's probability of the correct candidate when it concluded, if its "
+        "reasoning passes the filters with that conclusion): what re-drawing only the conclusions would "
+        "give on average, with less sampling noise than the one draw observed.",
         "",
         "| code | cases | accepted (all) | multiple choice | free text | concluded | cases with >= 1 accepted | "
         "main rejection reasons | tokens/s |",
@@ -43,8 +51,10 @@ def table(reports: dict[str, dict]) -> str:
         tokens = r["settings"].get("max_new_tokens")
         rows.append(
             f"| {LABELS.get(name, name)}, {tokens} tokens | {o['cases']} | {o['accepted']}/{o['sampled']} "
-            f"({_pct(o['acceptance'])}) | {_pct(mc['acceptance'])} | {_pct(ft['acceptance'])} | "
-            f"{_pct(o['concluded'])} | {_pct(o['cases_with_an_accepted_trace'])} | {reasons} | "
+            f"({_with_expected(o['acceptance'], o.get('expected_acceptance'))}) | {_pct(mc['acceptance'])} | "
+            f"{_pct(ft['acceptance'])} | {_pct(o['concluded'])} | "
+            f"{_with_expected(o['cases_with_an_accepted_trace'], o.get('expected_cases_with_an_accepted_trace'))} | "
+            f"{reasons} | "
             f"{r['tokens_per_second']:.0f} |"
         )
     return "\n".join(rows)

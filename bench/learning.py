@@ -1,8 +1,10 @@
 """Does ranking teach? A scripted run, scored by what the model believes.
 
-    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--lora | --full] [--json-out F] [--png F] [--no-run]
+    python -m bench.learning [--model smollm2-135m] [--updates 30] [--algorithm dpo] [--lora | --full]
+                             [--steps N] [--lr X] [--json-out F] [--png F] [--no-run | --no-readme]
 
-Rewrites README's block between the "learning results" markers.
+Rewrites README's block between the "learning results" markers (not with
+``--no-readme``: an experiment off the app's defaults, e.g. ``--steps 1 --lr 1e-4``).
 
 Runs ``simulate``'s loop (training split of the library, the app's defaults)
 with the engine's probe set on, and reports, per taught case and for every
@@ -114,12 +116,15 @@ def main(argv=None) -> dict:
     mode.add_argument("--lora", dest="lora", action="store_const", const=True, default="auto",
                       help="train a LoRA adapter (default: the app's rule, LoRA on CPU for 100M+ parameters)")
     mode.add_argument("--full", dest="lora", action="store_const", const=False, help="train every weight")
+    parser.add_argument("--steps", type=int, default=SimulationSettings.steps, help="optimisation steps per ranking")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the engine's for the mode)")
     parser.add_argument("--probe-taught", type=int, default=3)
     parser.add_argument("--probe-heldout", type=int, default=3)
     parser.add_argument("--eval-samples", type=int, default=2, help="held-out sampled A/B, per case and arm (0: skip)")
     parser.add_argument("--json-out", default="bench/learning.json")
     parser.add_argument("--png", default="bench/learning.png")
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
+    parser.add_argument("--no-readme", action="store_true", help="leave README as it is")
     args = parser.parse_args(argv)
     if args.no_run:
         result = load_json(args.json_out)
@@ -132,7 +137,7 @@ def main(argv=None) -> dict:
     before_heldout = [belief(engine.lm, c)["p_correct"] for c in heldout]
     before_train = {c.id: belief(engine.lm, c)["p_correct"] for c in train}
     baseline = engine.probe.score(engine.lm)
-    settings = SimulationSettings(algorithm=args.algorithm, updates=args.updates)
+    settings = SimulationSettings(algorithm=args.algorithm, updates=args.updates, steps=args.steps, lr=args.lr)
     started = time.perf_counter()
     history = [{"version": 0, **baseline}]
     results = run_simulation(engine, settings, cases=train, on_update=lambda m: print(json.dumps(
@@ -164,7 +169,8 @@ def main(argv=None) -> dict:
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     if args.png:
         draw(history, args.png)
-    write_readme_block(readme_block(result, args.png), BEGIN, END)
+    if not args.no_readme:
+        write_readme_block(readme_block(result, args.png), BEGIN, END)
     return result
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from .clinical.cases import Case
 from .rollout.generation import SamplingConfig, sample_traces
 from .model.models import LoadedModel
-from .rollout.sampler import annotate
+from .rollout.sampler import annotate, judge
 from .clinical.verify import check_trace
 
 
@@ -42,11 +42,36 @@ def _belief_at_conclusion(case: Case, traces) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _acceptance_chance(case: Case, trace) -> float:
+    """The probability ``trace`` is accepted over its conclusion draw alone, given the
+    reasoning it sampled: the model's probability of the correct candidate when it
+    concluded, if the trace would pass the verifier and the degenerate filter with that
+    conclusion in place of the one drawn (0 otherwise). A trace whose conclusion was not
+    drawn from the candidates (free mode) counts what happened: 1 accepted, 0 not."""
+    c = trace.conclusion or {}
+    probs, names, chosen = c.get("probabilities"), c.get("candidates"), c.get("chosen_text")
+    right = _correct_candidate(case, names) if probs and names and chosen else None
+    at = trace.text.rfind(chosen) if right is not None else -1
+    if at < 0:
+        return float(bool(trace.verdict["accepted"]))
+    concluded_right = trace.text[:at] + names[right] + trace.text[at + len(chosen):]
+    return probs[right] if judge(concluded_right, case, hinted=trace.rationalised)["accepted"] else 0.0
+
+
+def _chance_of_an_accepted_trace(chances: list[float]) -> float:
+    """P(at least one accepted) for independent draws with these chances."""
+    none = 1.0
+    for q in chances:
+        none *= 1.0 - q
+    return 1.0 - none
+
+
 def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
     reasons = Counter(t.verdict["code"] for t in traces if not t.verdict["accepted"])
     conclusions = Counter((getattr(t, "conclusion", None) or {}).get("trigger", "none") for t in traces)
     accepted = sum(bool(t.verdict["accepted"]) for t in traces)
     judged = sum(t.verdict["code"] not in ("no_conclusion", "empty") for t in traces)
+    chances = [_acceptance_chance(case, t) for t in traces]
     return {
         "case_id": case.id,
         "kind": "multiple_choice" if case.is_multiple_choice else "free_text",
@@ -57,6 +82,10 @@ def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
         "rejected_by_reason": dict(reasons),
         "conclusion_triggers": dict(conclusions),
         "belief_at_conclusion": _belief_at_conclusion(case, traces),
+        # the same outcome in expectation over the conclusion draws (the reasoning as sampled):
+        # what a re-draw of the conclusions would give on average, with less sampling noise
+        "expected_accepted": sum(chances),
+        "chance_of_an_accepted_trace": _chance_of_an_accepted_trace(chances),
         **({"traces": [
             {"text": t.text, "completion_ids": t.completion_ids, "loss_mask": t.loss_mask, "verdict": t.verdict,
              "conclusion": t.conclusion, "finish_reason": t.finish_reason}
@@ -79,6 +108,9 @@ def _summary(rows: list[dict]) -> dict:
         "acceptance": sum(r["accepted"] for r in rows) / sampled if sampled else 0.0,
         "concluded": sum(r["concluded"] for r in rows) / sampled if sampled else 0.0,
         "cases_with_an_accepted_trace": sum(r["accepted"] > 0 for r in rows) / len(rows) if rows else 0.0,
+        "expected_acceptance": sum(r["expected_accepted"] for r in rows) / sampled if sampled else 0.0,
+        "expected_cases_with_an_accepted_trace": (sum(r["chance_of_an_accepted_trace"] for r in rows) / len(rows)
+                                                  if rows else 0.0),
         "rejected_by_reason": dict(reasons.most_common()),
     }
 
@@ -151,6 +183,11 @@ def format_report(report: dict, per_case: bool = True) -> str:
             f"{_pct(s['concluded']):>9} {_pct(s['cases_with_an_accepted_trace']):>12} {belief:>7}"
         )
     lines.append("belief: the model's probability of the correct conclusion when it concluded (constrained traces)")
+    o = report["overall"]
+    if "expected_acceptance" in o:
+        lines.append(f"expected over the conclusion draws (the reasoning as sampled): acceptance "
+                     f"{_pct(o['expected_acceptance']).strip()}, cases >=1 ok "
+                     f"{_pct(o['expected_cases_with_an_accepted_trace']).strip()}")
     reasons = report["overall"]["rejected_by_reason"]
     if reasons:
         lines.append("rejections: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))

@@ -46,3 +46,45 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
                  "--max-new-tokens", "4", "--conclusion", "free", "--json-out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["overall"]["concluded"] == 0  # random bytes never write a conclusion of their own
+
+
+def _concluded(reasoning: str, chosen: str, probs: list[float], names: list[str]):
+    from types import SimpleNamespace
+
+    from rlhf_core.rollout.sampler import judge
+
+    text = f"{reasoning}\nFinal diagnosis: {chosen}"
+    return SimpleNamespace(text=text, rationalised=False, verdict=judge(text, FREE), conclusion={
+        "constrained": True, "candidates": names, "probabilities": probs, "chosen_text": chosen})
+
+
+REASONING = ("Key findings: right lower quadrant pain with fever and rebound tenderness in a young adult. "
+             "Differential: appendicitis, renal colic, ovarian torsion. The localised peritonism and fever "
+             "favour inflammation of the appendix over a stone or torsion.")
+
+
+def test_the_expected_outcome_counts_the_chance_the_conclusion_draw_gave_the_right_answer():
+    from rlhf_core.diagnose import _acceptance_chance, _chance_of_an_accepted_trace
+
+    names = ["renal colic", "acute appendicitis", "ovarian torsion"]
+    wrong = _concluded(REASONING, "renal colic", [0.5, 0.2, 0.3], names)
+    assert wrong.verdict["code"] == "distractor"
+    assert _acceptance_chance(FREE, wrong) == 0.2  # the right answer had a 20% chance at this conclusion
+    right = _concluded(REASONING, "acute appendicitis", [0.5, 0.2, 0.3], names)
+    assert right.verdict["accepted"] and _acceptance_chance(FREE, right) == 0.2
+    # a trace whose reasoning the degenerate filter rejects had no chance, whatever it concluded
+    bare = _concluded("Pain.", "renal colic", [0.1, 0.8, 0.1], names)
+    assert _acceptance_chance(FREE, bare) == 0.0
+    # a conclusion the model wrote itself (free mode) counts what happened
+    free = _concluded(REASONING, "acute appendicitis", [], [])
+    assert _acceptance_chance(FREE, free) == 1.0
+    assert _chance_of_an_accepted_trace([0.5, 0.5]) == 0.75 and _chance_of_an_accepted_trace([]) == 0.0
+
+
+def test_the_report_gives_the_expected_outcomes_beside_the_observed(tiny_lm):
+    report = diagnose(tiny_lm, [FREE, MC], samples=3, sampling=SamplingConfig(max_new_tokens=6), seed=1)
+    for row in report["cases"]:
+        assert row["expected_accepted"] == 0.0  # no reasoning before any conclusion: no chance at all
+        assert row["chance_of_an_accepted_trace"] == 0.0
+    assert report["overall"]["expected_acceptance"] == 0.0
+    assert "expected over the conclusion draws" in format_report(report)
