@@ -28,7 +28,7 @@ def _pct(x: float | None) -> str:
 
 
 def _with_expected(observed: float, expected: float | None) -> str:
-    return _pct(observed) if expected is None else f"{_pct(observed)} (expected {_pct(expected)})"
+    return _pct(observed) if expected is None else f"{_pct(observed)}, expected {_pct(expected)}"
 
 
 def table(reports: dict[str, dict]) -> str:
