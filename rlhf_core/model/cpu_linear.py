@@ -5,11 +5,13 @@ takes its AVX2 code paths, while oneDNN, which torch also ships, uses AVX-512
 wherever the CPU has it: on an AVX-512 AMD EPYC at the shapes of a K=4 update
 on SmolLM2 (640 rows), MKL 145-200 GFLOPS, oneDNN 320-470. On an AMD EPYC
 without AVX-512 the balance turns: MKL is 5-25% faster at the decoder layers'
-shapes (forward and input gradient) and oneDNN ~25% faster only at the LM
-head's 49152 x 576. So which library computes a weight shape is measured, not
-assumed: ``onednn_wins`` times both once per shape per process (a few ms; the
-LM head ~0.5 s) and remembers the faster. ``RLHF_CPU_LINEAR=onednn`` or ``mkl``
-fixes the choice instead. The arithmetic is the same float32 multiply-add in
+shapes (forward and input gradient), oneDNN ~20% faster at the LM head's
+49152 x 576 forward. So ``onednn_wins`` routes by the CPU and the weight's
+shape: oneDNN everywhere with AVX-512, else only the LM head and LoRA's small
+adapters. A rule rather than a timing at start-up (tried: on a noisy shared
+VM the choice at near-tie shapes flipped from one timing to the next, which
+would change the last bits of float32 results from one process to the next). ``RLHF_CPU_LINEAR=onednn`` or ``mkl`` fixes the
+choice instead. The arithmetic is the same float32 multiply-add in
 another order (results agree to ~1e-6 relative, tested), so losses and
 gradients are the model's own whichever computes them.
 
@@ -22,9 +24,7 @@ oneDNN, take ``F.linear``.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import time
 import types
 from typing import Iterator
 
@@ -78,49 +78,29 @@ class OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-CHOICE_ENV = "RLHF_CPU_LINEAR"  # "auto" (default): timed per weight shape | "onednn" | "mkl"
-_faster_here: dict[tuple[int, int], bool] = {}  # (out, in) -> oneDNN measured faster
+CHOICE_ENV = "RLHF_CPU_LINEAR"  # "auto" (default): the rule of onednn_wins | "onednn" | "mkl"
+SMALL_WEIGHT = 1 << 16  # elements: a GEMM this small is call overhead, not arithmetic (LoRA's adapters)
+HEAD_SIZED = 16384  # output features: an LM head's vocabulary, never a decoder layer's width
+
+
+def has_avx512() -> bool:
+    """Whether torch's CPU kernels run AVX-512 code here (oneDNN's float32 GEMMs then are ~2x MKL's on AMD)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def onednn_wins(out_features: int, in_features: int) -> bool:
-    """Whether a float32 ``[out_features, in_features]`` weight computes faster through
-    oneDNN than through ``F.linear`` (MKL) on this machine: timed on first use, or
-    fixed by ``$RLHF_CPU_LINEAR``."""
+    """Whether a float32 ``[out_features, in_features]`` weight computes through oneDNN
+    rather than ``F.linear`` (MKL). A fixed rule, not a timing, so every process on a
+    machine makes the same choice and float32 results stay bit-reproducible: oneDNN on
+    an AVX-512 CPU; without AVX-512 only for LoRA-sized and LM-head-sized weights, where
+    it was measured faster (MKL was 5-25% faster at the decoder layers' shapes, oneDNN
+    ~20% at the head's forward, on the AVX2-only AMD EPYC). ``$RLHF_CPU_LINEAR`` fixes it."""
     choice = os.environ.get(CHOICE_ENV, "auto").strip().lower()
     if choice not in ("auto", "onednn", "mkl"):
         raise ValueError(f"{CHOICE_ENV}={choice!r}: expected auto, onednn or mkl")
     if choice != "auto":
         return choice == "onednn"
-    key = (out_features, in_features)
-    if key not in _faster_here:
-        _faster_here[key] = _time_onednn_against_mkl(out_features, in_features)
-    return _faster_here[key]
-
-
-def _time_onednn_against_mkl(out_features: int, in_features: int, rows: int | None = None, repeats: int = 3) -> bool:
-    """Forward and input-gradient GEMMs (what both an update and a no-grad pass run) at
-    ``rows`` rows (default 256, as in an update; 32 for a weight the size of an LM head,
-    which keeps its timing under ~0.5 s), each library's best of ``repeats`` rounds, the
-    two interleaved so a slow moment on a shared machine hits both."""
-    if rows is None:
-        rows = 256 if out_features * in_features <= 1 << 22 else 32
-    with torch.no_grad():  # the values do not matter to a dense GEMM's speed; constants are quick to make
-        x = torch.full((rows, in_features), 0.5)
-        weight = torch.full((out_features, in_features), 0.01)
-        upstream = torch.full((rows, out_features), 0.25)
-        candidates = {
-            True: lambda: (_linear_pointwise(x, weight, None), _matmul(upstream, weight)),
-            False: lambda: (F.linear(x, weight), upstream @ weight),  # what autograd runs for F.linear
-        }
-        for run in candidates.values():  # warm-up: first calls pay for allocation and dispatch
-            run()
-        best = dict.fromkeys(candidates, math.inf)
-        for _ in range(repeats):
-            for onednn, run in candidates.items():
-                start = time.perf_counter()
-                run()
-                best[onednn] = min(best[onednn], time.perf_counter() - start)
-        return best[True] < best[False]
+    return has_avx512() or out_features * in_features < SMALL_WEIGHT or out_features >= HEAD_SIZED
 
 
 def _routable(x, weight, bias) -> bool:

@@ -99,37 +99,33 @@ def test_nesting_is_harmless_and_disabled_does_nothing(monkeypatch):
     assert calls == [1, 1]
 
 
-def test_the_library_choice_is_measured_once_per_shape_unless_fixed(monkeypatch):
-    timed = []
-    monkeypatch.setattr(cpu_linear, "_faster_here", {})
-    monkeypatch.setattr(cpu_linear, "_time_onednn_against_mkl", lambda out, inn: timed.append((out, inn)) or out > 4)
+def test_the_library_choice_follows_the_cpu_and_the_shape_unless_fixed(monkeypatch):
     monkeypatch.setenv(cpu_linear.CHOICE_ENV, "auto")
-    assert cpu_linear.onednn_wins(6, 8) and not cpu_linear.onednn_wins(3, 8)
-    assert cpu_linear.onednn_wins(6, 8)
-    assert timed == [(6, 8), (3, 8)]  # remembered, not timed again
+    monkeypatch.setattr(cpu_linear, "has_avx512", lambda: False)
+    assert not cpu_linear.onednn_wins(1536, 576)  # a decoder layer: MKL
+    assert cpu_linear.onednn_wins(49152, 576)  # an LM head
+    assert cpu_linear.onednn_wins(16, 576) and cpu_linear.onednn_wins(1536, 16)  # LoRA's adapters
+    monkeypatch.setattr(cpu_linear, "has_avx512", lambda: True)
+    assert cpu_linear.onednn_wins(1536, 576)
     monkeypatch.setenv(cpu_linear.CHOICE_ENV, "mkl")
-    assert not cpu_linear.onednn_wins(6, 8)
+    assert not cpu_linear.onednn_wins(49152, 576) and not cpu_linear.onednn_wins(16, 576)
     monkeypatch.setenv(cpu_linear.CHOICE_ENV, "onednn")
-    assert cpu_linear.onednn_wins(3, 8)
+    monkeypatch.setattr(cpu_linear, "has_avx512", lambda: False)
+    assert cpu_linear.onednn_wins(1536, 576)
     monkeypatch.setenv(cpu_linear.CHOICE_ENV, "fastest")
     with pytest.raises(ValueError, match="RLHF_CPU_LINEAR='fastest'"):
-        cpu_linear.onednn_wins(6, 8)
-    assert timed == [(6, 8), (3, 8)]
+        cpu_linear.onednn_wins(1536, 576)
 
 
 def test_a_block_routes_only_the_layers_whose_shape_onednn_wins(monkeypatch):
     monkeypatch.setenv(cpu_linear.CHOICE_ENV, "auto")
-    monkeypatch.setattr(cpu_linear, "_faster_here", {(6, 8): True, (3, 6): False})
-    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+    monkeypatch.setattr(cpu_linear, "has_avx512", lambda: False)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, cpu_linear.HEAD_SIZED))
     calls = []
     real = cpu_linear._linear_pointwise
     monkeypatch.setattr(cpu_linear, "_linear_pointwise", lambda *a: calls.append(a[1].shape) or real(*a))
-    x = torch.randn(2, 8)
+    x = torch.randn(2, 256)
     with onednn_linear(model):
         routed = model(x)
-    assert calls == [torch.Size([6, 8])]
-    assert torch.allclose(routed, model(x), atol=1e-5)
-
-
-def test_the_timing_picks_a_library_for_a_real_shape():
-    assert isinstance(cpu_linear._time_onednn_against_mkl(64, 32, rows=16, repeats=1), bool)
+    assert calls == [torch.Size([cpu_linear.HEAD_SIZED, 512])]  # the head-sized layer only
+    assert torch.allclose(routed, model(x), atol=1e-4)
