@@ -77,7 +77,8 @@ def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int,
 
 def gemm_peak_gflops(repeats: int = 20) -> float:
     """The machine's float32 GEMM rate at the update's shapes: the best of SmolLM2's layer
-    shapes at 640 rows, through oneDNN or MKL (the update takes the faster per shape)."""
+    shapes at 640 rows, through oneDNN or MKL (the update routes each shape to one of
+    them: ``cpu_linear.onednn_wins``)."""
     import torch.nn.functional as F
 
     from rlhf_core.model.cpu_linear import _linear_pointwise

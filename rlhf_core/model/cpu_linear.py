@@ -8,12 +8,13 @@ without AVX-512 the balance turns: MKL is 5-25% faster at the decoder layers'
 shapes (forward and input gradient), oneDNN ~20% faster at the LM head's
 49152 x 576 forward. So ``onednn_wins`` routes by the CPU and the weight's
 shape: oneDNN everywhere with AVX-512, else only the LM head and LoRA's small
-adapters. A rule rather than a timing at start-up (tried: on a noisy shared
-VM the choice at near-tie shapes flipped from one timing to the next, which
-would change the last bits of float32 results from one process to the next). ``RLHF_CPU_LINEAR=onednn`` or ``mkl`` fixes the
-choice instead. The arithmetic is the same float32 multiply-add in
-another order (results agree to ~1e-6 relative, tested), so losses and
-gradients are the model's own whichever computes them.
+adapters; ``RLHF_CPU_LINEAR=onednn`` or ``mkl`` fixes the choice instead. A
+rule rather than a timing at start-up (tried: on a noisy shared VM the choice
+at near-tie shapes flipped from one timing to the next, which would change the
+last bits of float32 results from one process to the next). The arithmetic is
+the same float32 multiply-add in another order (results agree to ~1e-6
+relative, tested), so losses and gradients are the model's own whichever
+computes them.
 
 ``onednn_linear(model)`` routes the model's ``nn.Linear`` layers (peft's
 LoRA layers included: their base and adapter matrices are ``nn.Linear``)
@@ -24,6 +25,7 @@ oneDNN, take ``F.linear``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import types
 from typing import Iterator
@@ -83,6 +85,7 @@ SMALL_WEIGHT = 1 << 16  # elements: a GEMM this small is call overhead, not arit
 HEAD_SIZED = 16384  # output features: an LM head's vocabulary, never a decoder layer's width
 
 
+@functools.cache
 def has_avx512() -> bool:
     """Whether torch's CPU kernels run AVX-512 code here (oneDNN's float32 GEMMs then are ~2x MKL's on AMD)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -90,11 +93,9 @@ def has_avx512() -> bool:
 
 def onednn_wins(out_features: int, in_features: int) -> bool:
     """Whether a float32 ``[out_features, in_features]`` weight computes through oneDNN
-    rather than ``F.linear`` (MKL). A fixed rule, not a timing, so every process on a
-    machine makes the same choice and float32 results stay bit-reproducible: oneDNN on
-    an AVX-512 CPU; without AVX-512 only for LoRA-sized and LM-head-sized weights, where
-    it was measured faster (MKL was 5-25% faster at the decoder layers' shapes, oneDNN
-    ~20% at the head's forward, on the AVX2-only AMD EPYC). ``$RLHF_CPU_LINEAR`` fixes it."""
+    rather than ``F.linear`` (MKL): on an AVX-512 CPU always, otherwise only LoRA-sized
+    and LM-head-sized weights (the measurements are in the module's docstring);
+    ``$RLHF_CPU_LINEAR`` fixes it."""
     choice = os.environ.get(CHOICE_ENV, "auto").strip().lower()
     if choice not in ("auto", "onednn", "mkl"):
         raise ValueError(f"{CHOICE_ENV}={choice!r}: expected auto, onednn or mkl")
