@@ -28,6 +28,7 @@ from rlhf_core.clinical.cases import default_cases_dir, load_library
 from rlhf_core.engine import Engine
 from rlhf_core.evaluate import heldout_comparison, split_cases
 from rlhf_core.simulate import SimulationSettings, run_simulation
+from rlhf_core.training.update import default_lr
 
 from .common import load_json, machine, save_json, write_readme_block
 
@@ -83,10 +84,13 @@ def _p(x) -> str:
 def readme_block(result: dict, png: str | None) -> str:
     """README's summary of a run, from its stored result."""
     s = result["settings"]
+    # runs before these were recorded: probe 3 + 3, optimisation not stored
+    o, probe = result.get("optimisation"), result.get("probe", {"taught": 3, "heldout": 3})
+    step = f", {o['steps']} optimisation step{'s' if o['steps'] > 1 else ''} at lr {o['lr']:g}" if o else ""
     lines = [f"Model `{result['model']}` ({'LoRA, the CPU default' if result['mode'] == 'lora' else 'full fine-tuning'}), {result['machine']}: {result['updates']} scripted "
-             f"{s['algorithm'].upper()} updates on the training split ({s['traces']} traces ranked each, below-the-line "
+             f"{s['algorithm'].upper()} updates on the training split ({s['traces']} traces ranked each{step}, below-the-line "
              f"negatives on), {result['seconds'] / 60:.0f} min; median update {result['update_seconds_median']:.1f} s, "
-             f"probe scoring {result['probe_seconds_median']:.1f} s.", "",
+             f"probe scoring ({probe['taught']} + {probe['heldout']} cases) {result['probe_seconds_median']:.1f} s.", "",
              "| cases | n | mean P(correct) before | after | improved | Wilcoxon p | sign test p |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, name in (("taught", "taught (ranked once each)"), ("untaught_train", "training split, not ranked"),
@@ -99,7 +103,7 @@ def readme_block(result: dict, png: str | None) -> str:
         lines += ["", f"Held-out sampled acceptance (`evaluate`): reference {ab['reference']['accepted']}/{ab['reference']['n']}, "
                       f"policy {ab['policy']['accepted']}/{ab['policy']['n']}, Fisher p = {_p(ab['fisher_p'])}."]
     if png:
-        taught_probe = result.get("probe", {}).get("taught", 3)  # runs before it was recorded used 3
+        taught_probe = probe["taught"]
         lines += ["", f"![probe curves]({png})", "",
                   f"The chart's taught line is the app's probe: the first {taught_probe} cases taught (one, two, then "
                   f"{taught_probe} of them over the first versions, hence its first jumps); the table above scores every "
@@ -152,6 +156,7 @@ def main(argv=None) -> dict:
     result = {
         "machine": machine(), "model": args.model, "mode": engine.mode, "settings": asdict(settings),
         "probe": {"taught": args.probe_taught, "heldout": args.probe_heldout},
+        "optimisation": {"steps": args.steps, "lr": args.lr or default_lr(engine.lm)},
         "seconds": seconds, "updates": len(results), "final_version": engine.version,
         "taught": _paired([before_train[c] for c in taught], [after_train[c] for c in taught]),
         "untaught_train": _paired([before_train[c.id] for c in train if c.id not in after_train],
