@@ -24,7 +24,7 @@ from .clinical.cases import Case
 from .belief import ProbeSet
 from .training.checkpoint import load_into, read_manifest, save_checkpoint
 from .rollout.generation import SamplingConfig, sample_stream
-from .rollout.teacher import fill_reference
+from .rollout.teacher import fill_reference, lacks_reference
 from .rollout.records import Trace
 from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
 from .rollout.sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
@@ -153,6 +153,26 @@ class Engine:
 
     # -- rankings and updates -------------------------------------------------
 
+    def prepare_reference(self, traces: list[Trace]) -> int:
+        """Run the reference pass an update of ``traces`` would need (their reference
+        log-probs and reward features) now and store it, so a ranking submitted later
+        starts training at once: meant for while the clinician reads. Returns how many
+        traces it gave something to (0 for traces whose pass is stored already)."""
+        with self.lock:
+            self._stored_reference(traces)
+            filled = fill_reference(self.lm, traces, reference_is_policy=self._pristine)
+            if filled:
+                self.store.record_traces(self.workspace, filled)
+            return len(filled)
+
+    def _stored_reference(self, traces: list[Trace]) -> None:
+        """Give ``traces`` the reference pass stored for them (``prepare_reference``), where they lack it."""
+        lacking = [t for t in traces if t.trace_id and (not t.features or lacks_reference(t))]
+        stored = self.store.trace_references(self.workspace, [t.trace_id for t in lacking]) if lacking else {}
+        for t in lacking:
+            if t.trace_id in stored and len(stored[t.trace_id][0]) == len(t.completion_ids):
+                t.ref_logps, t.features = stored[t.trace_id]
+
     def record_ranking(
         self,
         traces: list[Trace],
@@ -168,6 +188,7 @@ class Engine:
         the same traces, for the agreement view). Returns the ranking id."""
         with self.lock:
             # features only: a ranking recorded without an update is not trained on
+            self._stored_reference(traces)
             fill_reference(self.lm, traces, reference_is_policy=self._pristine, logps=False)
             return self.store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
@@ -201,7 +222,9 @@ class Engine:
         """
         with self.lock:
             # sampled without a reference pass (no reward model wanted features then): the
-            # ranked traces get their reference log-probs now, stored with the ranking
+            # ranked traces get their reference log-probs now, stored with the ranking,
+            # unless it ran while the clinician read them (prepare_reference)
+            self._stored_reference(traces)
             filled = fill_reference(self.lm, traces, reference_is_policy=self._pristine)
             if ranking_id is None:
                 ranking_id = self.store.record_ranking(

@@ -229,6 +229,20 @@ def test_grpo_update_and_metrics_refresh(room):
     assert defaults["beta"] == 0.04 and defaults["loss_type"]["value"] == "grpo"
 
 
+def test_the_reference_pass_runs_while_the_clinician_reads_and_not_after_a_switch(room):
+    _, session = generate(room, k=3)
+    batch = session["batch"]
+    trainable = [t["trace_id"] for t in batch["traces"] + batch["negatives"]]
+    assert room.engine.store.trace_references(room.workspace, trainable) == {}
+    assert generate_tab.prepare_reference(room, session) == {}
+    assert set(room.engine.store.trace_references(room.workspace, trainable)) == set(trainable)
+    assert submit(room, session, steps=1, negatives=True)[-1]["session"]["batch"]["submitted"]
+    _, session = generate(room, session, k=3)
+    asked = model_tab.request_switch(room, session, "tiny-random", True)
+    list(model_tab.confirm(room, asked["session"], False, ""))
+    assert room.runner.prepare_reference(session["batch"]["traces"], session["batch"]["model_key"]) == 0
+
+
 def test_save_load_reset_behind_confirmation(room, tmp_path):
     _, session = generate(room, k=3)
     session = submit(room, session)[-1]["session"]

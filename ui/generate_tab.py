@@ -85,6 +85,15 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
            **cards_view(batch), **ranking_view(batch), **metrics_view(room)}
 
 
+def prepare_reference(room, session: dict) -> dict:
+    """Once the cards are shown: the reference pass their update will need (every trace
+    that can be trained on), run while the clinician reads, so *Submit* starts training at once."""
+    batch = (session or {}).get("batch")
+    if batch and not batch.get("submitted"):
+        room.runner.prepare_reference([*batch["traces"], *(batch.get("negatives") or [])], batch["model_key"])
+    return {}
+
+
 def conclusion_setting(room) -> dict:
     """The conclusion radio showing the active workspace's setting."""
     return gr.update(value=CONCLUSION_LABELS[room.conclusion_mode()])
@@ -138,7 +147,8 @@ def build_trace_cards(ui: dict) -> None:
 
 
 def bind_generate(room, ui: dict) -> None:
-    engine_event(ui["generate_button"].click, generate, room, ui,
-                 ["session", "case_picker", "k", "max_new_tokens", "temperature", "budget", "rationalise",
-                  "conclusion", "negatives"], OUTPUTS,
-                 show_progress="minimal", show_progress_on=[ui["gen_progress"]])
+    generated = engine_event(ui["generate_button"].click, generate, room, ui,
+                             ["session", "case_picker", "k", "max_new_tokens", "temperature", "budget", "rationalise",
+                              "conclusion", "negatives"], OUTPUTS,
+                             show_progress="minimal", show_progress_on=[ui["gen_progress"]])
+    engine_event(generated.then, prepare_reference, room, ui, ["session"], [], show_progress="hidden")

@@ -11,6 +11,7 @@ from rlhf_core.clinical.cases import Case
 from rlhf_core.evaluate import split_cases
 from rlhf_core.reward.reward_data import MODEL_RANKED
 from rlhf_core.rollout.generation import SamplingConfig
+from rlhf_core.rollout.records import Trace
 from rlhf_core.rollout.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
 from rlhf_core.simulate import SimulationSettings, clinicians_reward_model, play_round
 from rlhf_core.training.update import DPOConfig, GRPOConfig
@@ -34,8 +35,8 @@ class Runner:
         and carries a ``generation_id``). Every trace drawn is stored. While no reward model
         can suggest an order, the traces are sampled without reward-model features and, once
         the policy has moved, without their reference log-probs: both come from a reference
-        pass over every row (~1/3 of a batch's time on SmolLM2), which only the ranked ones
-        need (``Engine`` gives it to them when the ranking is stored)."""
+        pass over every row (~1/3 of a batch's time on SmolLM2), which only the traces that
+        can be trained on need (``prepare_reference`` runs it once the cards are shown)."""
         room = self.room
         if sampling.reward_features and room.advisor.model(room.workspace) is None:
             sampling = dataclasses.replace(sampling, reward_features=False)
@@ -64,6 +65,18 @@ class Runner:
 
         yield from stream_from_thread(work)
 
+
+    def prepare_reference(self, traces: list[dict], model_key: str) -> int:
+        """The reference pass the update of a shown batch will need, run while the clinician
+        reads it (``Engine.prepare_reference``); nothing once the model or workspace changed.
+        Returns how many traces it gave something to."""
+        room = self.room
+        with room.lock:
+            try:
+                self.check_model(model_key)
+            except RankingError:
+                return 0
+            return room.engine.prepare_reference([Trace.from_dict(t) for t in traces])
 
     # --------------------------------------------------------------- updates
     def update(

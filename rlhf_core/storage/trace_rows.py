@@ -28,6 +28,14 @@ class TraceRows:
         """{trace id: reward-model features (``features.encode``)} for those that have them."""
         return {t: f for t, f in self._trace_column(workspace, trace_ids, "features").items() if f}
 
+    def trace_references(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, tuple[list[float], str]]:
+        """{trace id: (reference log-probs, features)} for those of ``trace_ids`` given a
+        reference pass since they were sampled (``Engine.prepare_reference``)."""
+        ids = list(trace_ids)
+        features = self._trace_column(workspace, ids, "features")
+        return {t: (_loads(ref, []), features.get(t) or "") for t, ref in self._trace_column(workspace, ids, "ref_logps").items()
+                if ref and ref != "[]" and features.get(t)}
+
     def _trace_column(self, workspace: str, trace_ids: Iterable[str], column: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for chunk in _chunks(list(trace_ids), 500):

@@ -171,3 +171,36 @@ def test_an_updated_policy_samples_without_a_reference_pass_and_ranked_traces_ge
         assert engine.store.trace(engine.workspace, b.trace_id).ref_logps == pytest.approx(f.ref_logps, abs=1e-5)
     fill_reference(lm, hinted)
     assert not any(lacks_reference(t) for t in hinted)
+
+
+def test_a_reference_pass_prepared_while_the_clinician_reads_spares_the_update_its_own(tmp_path, case):
+    """``Engine.prepare_reference`` runs and stores the pass an update of the shown traces
+    needs; the update (on the traces as the browser sends them back, still without it)
+    then enters no reference pass and trains on the same numbers a pass at ranking time gives."""
+    from rlhf_core.engine import Engine
+    from rlhf_core.rollout.records import Trace
+    from rlhf_core.rollout.teacher import lacks_reference
+    from rlhf_core.training.update import DPOConfig
+
+    engine = Engine("tiny-random", device="cpu", store=tmp_path / "db.sqlite")
+    lm = engine.lm
+    first = sample_traces(lm, case, SamplingConfig(k=2, max_new_tokens=8, seed=1), reference_is_policy=True)
+    engine.update(first, [0, 1], DPOConfig(steps=1, lr=1e-3), case=case)  # the policy moves off the reference
+    config = SamplingConfig(k=3, max_new_tokens=8, seed=2, reward_features=False)
+    shown = [t.to_dict() for t in sample_traces(lm, case, config, policy_version=engine.version)]
+    engine.store.record_traces(engine.workspace, [Trace.from_dict(t) for t in shown], case)
+    assert engine.prepare_reference([Trace.from_dict(t) for t in shown]) == 3
+    assert engine.prepare_reference([Trace.from_dict(t) for t in shown]) == 0  # stored: not run twice
+    full = sample_traces(lm, case, SamplingConfig(k=3, max_new_tokens=8, seed=2), policy_version=engine.version)
+    ranked = [Trace.from_dict(t) for t in shown]
+    assert all(lacks_reference(t) for t in ranked)
+    calls = []
+    original = engine.lm.reference
+    engine.lm.reference = lambda: calls.append(1) or original()
+    try:
+        engine.update(ranked, [2, 0, 1], DPOConfig(steps=1, lr=1e-3), case=case)
+    finally:
+        engine.lm.reference = original
+    assert calls == []
+    for r, f in zip(ranked, full):
+        assert r.ref_logps == pytest.approx(f.ref_logps, abs=1e-5) and r.features

@@ -1,0 +1,107 @@
+"""How long a clinician waits after *Submit*, at the app's defaults, with and without the
+reference pass prepared while they read (``Engine.prepare_reference``).
+
+    python -m bench.update_wait [--model smollm2-135m] [--cases 7] [--json-out F] [--no-run]
+
+Rewrites README's block between the "update wait" markers.
+
+Per training-split case: rejection-sample a batch as the control room does (the app's
+``SamplingConfig`` without reward features, ``RejectionConfig``: K = 4 rankable and up to
+4 below the line), then time ``Engine.update`` with the default DPO config and the app's
+probe (2 taught + 2 held-out cases) on the scripted ranking. Cases alternate: odd ones get
+their reference pass prepared first (timed apart: it runs while the clinician reads), even
+ones pay for it inside the update, as before this lever. The first update (at version 0,
+where sampling's pass gives the reference log-probs for free) is left out of the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from rlhf_core.belief import ProbeSet
+from rlhf_core.clinical.cases import default_cases_dir, load_library
+from rlhf_core.engine import Engine
+from rlhf_core.evaluate import split_cases
+from rlhf_core.rollout.generation import SamplingConfig
+from rlhf_core.rollout.records import Trace
+from rlhf_core.rollout.sampler import RejectionConfig
+from rlhf_core.simulate import scripted_ranking
+from rlhf_core.training.update import DPOConfig
+
+from .common import load_json, machine, save_json, write_readme_block
+
+BEGIN, END = "<!-- BEGIN update wait -->", "<!-- END update wait -->"
+
+
+def readme_block(result: dict) -> str:
+    lines = [f"Clinician's wait after *Submit*: model `{result['model']}` ({result['mode']}), {result['machine']}; "
+             f"{result['settings']}; medians over {result['n_per_arm']} updates per arm (after version 0).", "",
+             "| reference pass | wait (update returns) | of which training | probe | other (reference pass, storage) "
+             "| prepared while reading |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for arm, name in (("at_submit", "inside the update (before)"), ("prepared", "prepared while reading (now)")):
+        a = result[arm]
+        prep = f"{a['prepare_s']:.1f} s" if a.get("prepare_s") is not None else "-"
+        lines.append(f"| {name} | {a['wait_s']:.1f} s | {a['trainer_s']:.1f} s | {a['probe_s']:.1f} s "
+                     f"| {a['other_s']:.1f} s | {prep} |")
+    return "\n".join(lines)
+
+
+def _medians(rows: list[dict]) -> dict:
+    out = {k: statistics.median(r[k] for r in rows) for k in ("wait_s", "trainer_s", "probe_s")}
+    out["other_s"] = statistics.median(r["wait_s"] - r["trainer_s"] - r["probe_s"] for r in rows)
+    prepared = [r["prepare_s"] for r in rows if r["prepare_s"] is not None]
+    out["prepare_s"] = statistics.median(prepared) if prepared else None
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cases", type=int, default=7, help="updates in all, the first at version 0 (odd: even arms)")
+    parser.add_argument("--json-out", default="bench/update_wait.json")
+    parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
+    args = parser.parse_args(argv)
+    if args.no_run:
+        result = load_json(args.json_out)
+        write_readme_block(readme_block(result), BEGIN, END)
+        return result
+    engine = Engine(args.model, lora="auto", device="cpu", dtype="float32")
+    train, heldout = split_cases(load_library(default_cases_dir()))
+    engine.probe = ProbeSet(heldout=heldout[:2], max_taught=2)
+    rows = []
+    for i, case in enumerate(train[: args.cases]):
+        result = engine.sample_verified(case, SamplingConfig(reward_features=False, seed=i), RejectionConfig())
+        shown = [t.to_dict() for t in [*result.accepted, *result.negatives]]  # what the browser holds
+        prepare_s = None
+        if i % 2:
+            started = time.perf_counter()
+            engine.prepare_reference([Trace.from_dict(t) for t in shown])
+            prepare_s = time.perf_counter() - started
+        traces = [Trace.from_dict(t) for t in shown]
+        accepted = len(result.accepted)
+        order = scripted_ranking(traces[:accepted]) + list(range(accepted, len(traces)))
+        started = time.perf_counter()
+        metrics = engine.update(traces, order, DPOConfig(), case=case, ranked=accepted if result.negatives else None)
+        rows.append({"case": case.id, "version": metrics["version"], "traces": len(traces), "prepare_s": prepare_s,
+                     "wait_s": time.perf_counter() - started, "trainer_s": metrics["seconds"],
+                     "probe_s": metrics.get("probe/seconds") or 0.0})
+        print(rows[-1], flush=True)
+    later = rows[1:]
+    result = {"machine": machine(), "model": args.model, "mode": "LoRA" if engine.lm.lora else "full fine-tuning",
+              "settings": f"DPO {DPOConfig().steps} steps, up to {RejectionConfig().k} ranked + "
+                          f"{RejectionConfig().negatives} below the line, probe 2 + 2",
+              "n_per_arm": min(sum(r["prepare_s"] is None for r in later), sum(r["prepare_s"] is not None for r in later)),
+              "at_submit": _medians([r for r in later if r["prepare_s"] is None]),
+              "prepared": _medians([r for r in later if r["prepare_s"] is not None]), "rows": rows}
+    save_json(result, args.json_out)
+    write_readme_block(readme_block(result), BEGIN, END)
+    return result
+
+
+if __name__ == "__main__":
+    from rlhf_core.model.allocator import use_preferred_allocator
+
+    use_preferred_allocator()
+    main()
