@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core.model.allocator import MARKER, SWITCH, find_allocator, preload_environment
+from rlhf_core.model.allocator import ARENAS, MARKER, SWITCH, find_allocator, preload_environment
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is a Linux mechanism")
 
@@ -35,7 +35,15 @@ def test_preload_environment_once_and_never_twice(tmp_path):
     assert preload_environment(env, dirs) is None  # the restarted process goes on
     assert preload_environment({"LD_PRELOAD": "/elsewhere/libjemalloc.so.2"}, dirs) is None  # preloaded by the user
     assert preload_environment({SWITCH: "system"}, dirs) is None
-    assert preload_environment({}, ()) is None  # nothing installed: glibc it is
+
+
+@linux_only
+def test_without_a_library_glibc_is_capped_at_two_arenas_once():
+    env = preload_environment({"PATH": "/bin"}, ())  # nothing installed: glibc it is, with few arenas
+    assert env[ARENAS] == "2" and "LD_PRELOAD" not in env and env["PATH"] == "/bin" and env[MARKER]
+    assert preload_environment(env, ()) is None  # the restarted process goes on
+    assert preload_environment({ARENAS: "8"}, ()) is None  # the user's own setting stays
+    assert preload_environment({SWITCH: "system"}, ()) is None  # glibc untouched
 
 
 @linux_only
