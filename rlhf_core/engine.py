@@ -159,19 +159,20 @@ class Engine:
         starts training at once: meant for while the clinician reads. Returns how many
         traces it gave something to (0 for traces whose pass is stored already)."""
         with self.lock:
-            self._stored_reference(traces)
-            filled = fill_reference(self.lm, traces, reference_is_policy=self._pristine)
+            filled = self._reference_pass(traces)
             if filled:
                 self.store.record_traces(self.workspace, filled)
             return len(filled)
 
-    def _stored_reference(self, traces: list[Trace]) -> None:
-        """Give ``traces`` the reference pass stored for them (``prepare_reference``), where they lack it."""
+    def _reference_pass(self, traces: list[Trace], logps: bool = True) -> list[Trace]:
+        """``fill_reference`` for what the database does not hold already (``prepare_reference``
+        stored it): the traces lacking it first take the stored pass. Returns the traces filled now."""
         lacking = [t for t in traces if t.trace_id and (not t.features or lacks_reference(t))]
         stored = self.store.trace_references(self.workspace, [t.trace_id for t in lacking]) if lacking else {}
         for t in lacking:
             if t.trace_id in stored and len(stored[t.trace_id][0]) == len(t.completion_ids):
                 t.ref_logps, t.features = stored[t.trace_id]
+        return fill_reference(self.lm, traces, reference_is_policy=self._pristine, logps=logps)
 
     def record_ranking(
         self,
@@ -188,8 +189,7 @@ class Engine:
         the same traces, for the agreement view). Returns the ranking id."""
         with self.lock:
             # features only: a ranking recorded without an update is not trained on
-            self._stored_reference(traces)
-            fill_reference(self.lm, traces, reference_is_policy=self._pristine, logps=False)
+            self._reference_pass(traces, logps=False)
             return self.store.record_ranking(
                 self.workspace, traces, ranking, annotator, comments=comments, note=note, case=case,
                 policy_version=self.version, ranked=ranked, suggestion=suggestion,
@@ -224,8 +224,7 @@ class Engine:
             # sampled without a reference pass (no reward model wanted features then): the
             # ranked traces get their reference log-probs now, stored with the ranking,
             # unless it ran while the clinician read them (prepare_reference)
-            self._stored_reference(traces)
-            filled = fill_reference(self.lm, traces, reference_is_policy=self._pristine)
+            filled = self._reference_pass(traces)
             if ranking_id is None:
                 ranking_id = self.store.record_ranking(
                     self.workspace, traces, ranking, annotator or "unknown", comments=comments, note=note,

@@ -68,7 +68,7 @@ def preload_environment(env: Mapping[str, str], dirs: tuple[str, ...] = LIBRARY_
             return None
         return {**env, ARENAS: GLIBC_ARENAS, MARKER: f"glibc malloc ({ARENAS}={GLIBC_ARENAS})"}
     preloaded = env.get("LD_PRELOAD", "")
-    if library is None or any(Path(p).name == Path(library).name for p in preloaded.split()):
+    if any(Path(p).name == Path(library).name for p in preloaded.split()):
         return None
     new = dict(env)
     new["LD_PRELOAD"] = f"{library} {preloaded}".strip()

@@ -22,27 +22,27 @@ class TraceRows:
 
     def trace_texts(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, str]:
         """{trace id: text} for those of ``trace_ids`` the workspace holds."""
-        return self._trace_column(workspace, trace_ids, "text")
+        return {t: r["text"] for t, r in self._trace_columns(workspace, trace_ids, "text").items()}
 
     def trace_features(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, str]:
         """{trace id: reward-model features (``features.encode``)} for those that have them."""
-        return {t: f for t, f in self._trace_column(workspace, trace_ids, "features").items() if f}
+        return {t: r["features"] for t, r in self._trace_columns(workspace, trace_ids, "features").items() if r["features"]}
 
     def trace_references(self, workspace: str, trace_ids: Iterable[str]) -> dict[str, tuple[list[float], str]]:
         """{trace id: (reference log-probs, features)} for those of ``trace_ids`` given a
         reference pass since they were sampled (``Engine.prepare_reference``)."""
-        ids = list(trace_ids)
-        features = self._trace_column(workspace, ids, "features")
-        return {t: (_loads(ref, []), features.get(t) or "") for t, ref in self._trace_column(workspace, ids, "ref_logps").items()
-                if ref and ref != "[]" and features.get(t)}
+        rows = self._trace_columns(workspace, trace_ids, "ref_logps", "features")
+        return {t: (_loads(r["ref_logps"], []), r["features"]) for t, r in rows.items()
+                if r["ref_logps"] and r["ref_logps"] != "[]" and r["features"]}
 
-    def _trace_column(self, workspace: str, trace_ids: Iterable[str], column: str) -> dict[str, Any]:
+    def _trace_columns(self, workspace: str, trace_ids: Iterable[str], *columns: str) -> dict[str, Any]:
+        """{trace id: its row of ``columns``} for those of ``trace_ids`` the workspace holds."""
         out: dict[str, Any] = {}
         for chunk in _chunks(list(trace_ids), 500):
             marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT trace_id, {column} FROM traces WHERE workspace = ? AND trace_id IN ({marks})",
-                                 [workspace, *chunk]):
-                out[r["trace_id"]] = r[column]
+            for r in self._query(f"SELECT trace_id, {', '.join(columns)} FROM traces "
+                                 f"WHERE workspace = ? AND trace_id IN ({marks})", [workspace, *chunk]):
+                out[r["trace_id"]] = r
         return out
 
     # -- traces ---------------------------------------------------------------
