@@ -53,6 +53,7 @@ def violations_html(trace: dict) -> str:
 _TRIGGERS = {
     "written": "the model wrote the label itself",
     "eos": "the label was inserted where the model stopped",
+    "sentence": "the label was inserted at the end of a sentence, the reasoning budget nearly spent",
     "budget": "the label was inserted at the reasoning budget",
 }
 

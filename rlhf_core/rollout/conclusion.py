@@ -38,6 +38,13 @@ MIN_CANDIDATES = 2  # fewer, and a constrained choice would be the answer forced
 
 # The model wrote the label itself: "Final diagnosis:", "**Final Diagnosis:**", "Final answer:".
 TRIGGER_RE = re.compile(r"final\s+(?:diagnosis|answer)\s*\**\s*[:\uff1a]\s*\**\s*$", re.I)
+# A sentence ends here: a full stop, question or exclamation mark (closing quotes or brackets
+# after it allowed), then nothing but whitespace.
+SENTENCE_END_RE = re.compile(r"[.!?][\"')\]]*\s*$")
+# ...unless the "sentence" is a list number ("2.") or an abbreviation that rarely ends one
+NOT_A_SENTENCE_END_RE = re.compile(r"(?:^|\n)\s*\d+\.\s*$|(?:\b(?:e\.g|i\.e|vs|dr|mr|mrs|ms|st|approx)\.\s*$)", re.I)
+# triggers where the label was inserted because the reasoning budget ran out
+BUDGET_TRIGGERS = ("budget", "sentence")
 
 
 def option_line(index: int, text: str) -> str:
@@ -106,7 +113,7 @@ class RowConclusion:
     """What one row is doing about its conclusion while it decodes."""
 
     phase: str = "reasoning"  # "reasoning" | "concluding" (waits to be scored) | "done"
-    trigger: str | None = None  # "written" | "eos" | "budget" (constrained); "written" (free)
+    trigger: str | None = None  # "written" | "eos" | "sentence" | "budget" (constrained); "written" (free)
     scaffold: list[int] = field(default_factory=list)  # the label tokens inserted for it, if any
     chosen: int | None = None  # candidate index once chosen
     probs: list[float] | None = None  # the model's probability of each candidate when it concluded
@@ -120,7 +127,7 @@ def conclusion_record(mode: str, state: RowConclusion | None, names: list[str], 
         "mode": mode,
         "constrained": True,
         "trigger": state.trigger,
-        "forced_by_budget": state.trigger == "budget",
+        "forced_by_budget": state.trigger in BUDGET_TRIGGERS,
         "scaffold_tokens": len(state.scaffold),
         "candidates": list(names),
         "score": how,
@@ -139,9 +146,11 @@ class Concluder:
     is no longer decoding, and records rows, loss-mask bits and states.
 
     * Constrained mode (``constrained=True``): a row stops reasoning when it
-      writes the label, samples its end token (which is not appended) or
-      reaches ``budget`` tokens; it then waits in phase "concluding" until
-      the caller scores the candidates after it and calls ``conclude``.
+      writes the label, samples its end token (which is not appended), starts
+      a new sentence after ``sentence_after`` tokens (the token that would
+      start it is not appended either; 0: never) or reaches ``budget`` tokens;
+      it then waits in phase "concluding" until the caller scores the
+      candidates after it and calls ``conclude``.
     * Free mode: a row stops at the end of its ``Final diagnosis:`` line
       (finish "conclusion"), at its end token ("eos") or at the budget ("length").
 
@@ -154,13 +163,15 @@ class Concluder:
 
     def __init__(
         self, k: int, budget: int, eos_ids: list[int], decode, constrained: bool = False,
-        scaffold_ids=None, stop_rules: bool = True,
+        scaffold_ids=None, stop_rules: bool = True, sentence_after: int = 0,
     ) -> None:
         if constrained and scaffold_ids is None:
             raise ValueError("the constrained mode needs the label's tokens")
         self.k, self.budget, self.eos = k, budget, set(eos_ids)
         self.decode, self.scaffold_ids, self.constrained = decode, scaffold_ids, constrained
         self.stop_rules = stop_rules  # False: decode exactly ``budget`` tokens per row (benchmarks)
+        # so the label follows a finished sentence instead of cutting one at the hard budget
+        self.sentence_after = sentence_after if constrained and stop_rules else 0
         self.rows: list[list[int]] = [[] for _ in range(k)]
         self.masks: list[list[int]] = [[] for _ in range(k)]
         self.states = [RowConclusion() for _ in range(k)]
@@ -219,6 +230,9 @@ class Concluder:
                 return None
             state.phase, self.finish[i] = "done", "eos"
             return self._append(i, sampled)
+        if self.sentence_after and len(self.rows[i]) >= self.sentence_after and self._starts_a_sentence(i, sampled):
+            self._stop_to_conclude(i, "sentence")
+            return None
         self._append(i, sampled)
         if self.stop_rules:
             self._after_reasoning_token(i)
@@ -228,6 +242,14 @@ class Concluder:
             else:
                 state.phase, self.finish[i] = "done", "length"
         return sampled
+
+    def _starts_a_sentence(self, i: int, token: int) -> bool:
+        """Whether ``token`` would begin a new sentence of row ``i``: it starts with whitespace
+        and the row's text ends a sentence."""
+        if not self.decode([token])[:1].isspace():
+            return False
+        tail = self.decode(self.rows[i][-self.TAIL_TOKENS :])
+        return bool(SENTENCE_END_RE.search(tail)) and not NOT_A_SENTENCE_END_RE.search(tail)
 
     def _append(self, i: int, token: int) -> int:
         self.rows[i].append(token)

@@ -10,6 +10,7 @@ the trace, so an update never has to run the reference model again.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -44,6 +45,12 @@ class SamplingConfig:
     # 128: on SmolLM2 about half the rows end their reasoning on their own within it
     max_new_tokens: int = setting(128, "Most tokens of reasoning a trace may write; in the constrained mode the "
                                        "conclusion comes on top of them.")
+    # Cut at max_new_tokens, 2 in 3 of SmolLM2's rows ended mid-sentence; from 3/4 of the budget
+    # on, a row concludes where its next sentence would begin: 7% cut mid-sentence (6 cases x
+    # 16 rows), mean reasoning 115 -> 104 tokens, and K verified rows in hand sooner (bench.rankable)
+    wrap_up_from: float = setting(0.75, "Constrained mode: once a row has reasoned for this share of max_new_tokens, "
+                                        "it concludes at its next sentence end instead of being cut mid-sentence at "
+                                        "the budget (1: only at the budget).")
     temperature: float = setting(0.8, "Sampling temperature (0: greedy decoding).")
     top_p: float = setting(0.95, "Nucleus sampling: the probability mass the next token is drawn from.")
     seed: int | None = setting(None, "Same seed, same weights: the same traces.")
@@ -65,9 +72,15 @@ class SamplingConfig:
     reward_features: bool = setting(True, "Store the reference's pooled hidden states with each trace "
                                           "(features.py), which the reward model learns from, at sampling.")
 
+    def wrap_up_tokens(self) -> int:
+        """Reasoning tokens after which a row concludes at its next sentence end (0: never before the budget)."""
+        return math.ceil(self.wrap_up_from * self.max_new_tokens) if self.wrap_up_from < 1 else 0
+
     def __post_init__(self) -> None:
         if not 0 <= self.min_reasoning_tokens <= 4096:
             raise ValueError(f"min_reasoning_tokens must be between 0 and 4096, got {self.min_reasoning_tokens}")
+        if not 0 < self.wrap_up_from <= 1:
+            raise ValueError(f"wrap_up_from must be a share of max_new_tokens in (0, 1], got {self.wrap_up_from}")
         if self.conclusion not in CONCLUSION_MODES:
             raise ValueError(f"conclusion must be one of {CONCLUSION_MODES}, got {self.conclusion!r}")
         if self.conclusion_score not in CANDIDATE_SCORES:
@@ -169,9 +182,10 @@ class _ConclusionPlan:
             False: list(tok.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False)),
         }
 
-    def concluder(self, k: int, budget: int, decode, stop_rules: bool) -> Concluder:
+    def concluder(self, k: int, budget: int, decode, stop_rules: bool, sentence_after: int = 0) -> Concluder:
         return Concluder(k, budget, self.eos, decode, constrained=self.mode == "constrained",
-                         scaffold_ids=lambda after_newline: self.scaffolds[after_newline], stop_rules=stop_rules)
+                         scaffold_ids=lambda after_newline: self.scaffolds[after_newline], stop_rules=stop_rules,
+                         sentence_after=sentence_after)
 
 
 def _conclude_rows(model, decoding, prompt_ids: list[int], concluder: Concluder, plan: _ConclusionPlan,
@@ -233,7 +247,8 @@ def sample_stream(
     generator = torch.Generator(device=lm.device)
     generator.manual_seed(config.seed if config.seed is not None else torch.seed() % (2**63))
     plan = _ConclusionPlan(lm, case, config, ignore_eos)
-    concluder = plan.concluder(k, config.max_new_tokens, lambda ids: tok.decode(ids, skip_special_tokens=True), not ignore_eos)
+    concluder = plan.concluder(k, config.max_new_tokens, lambda ids: tok.decode(ids, skip_special_tokens=True),
+                               not ignore_eos, config.wrap_up_tokens())
     rows = concluder.rows
 
     started = time.perf_counter()

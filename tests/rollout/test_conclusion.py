@@ -8,6 +8,7 @@ import torch
 from rlhf_core.clinical.cases import Case
 from rlhf_core.rollout.conclusion import (
     TRIGGER_RE, Concluder, can_constrain, candidate_probs, candidate_scores, candidates, choose_candidate,
+    conclusion_record,
 )
 from rlhf_core.rollout.generation import SamplingConfig, sample_traces
 from rlhf_core.rollout.logprobs import collate, completion_logps
@@ -73,9 +74,9 @@ def _ids(text):
 EOS = 3
 
 
-def _concluder(budget=40, constrained=True):
+def _concluder(budget=40, constrained=True, k=2, sentence_after=0, stop_rules=True):
     return Concluder(
-        2, budget, [EOS], _chars, constrained=constrained,
+        k, budget, [EOS], _chars, constrained=constrained, stop_rules=stop_rules, sentence_after=sentence_after,
         scaffold_ids=lambda after_newline: _ids("" if after_newline else "\n") + _ids("Final diagnosis:"),
     )
 
@@ -120,6 +121,31 @@ def test_an_end_token_or_the_budget_inserts_the_label_masked_out():
         assert c.masks[i] == [1] * reasoning + [0] * inserted + [1] * (len(c.rows[i]) - reasoning - inserted)
 
 
+def test_past_sentence_after_a_row_concludes_where_its_next_sentence_would_start():
+    c = _concluder(budget=60, k=4, sentence_after=12)
+    _feed(c, [
+        _ids("Short one. Then a longer sentence ends here. Never seen"),  # "Short one." ends before 12 tokens
+        _ids("Signs, e.g. fever and a rash.\nNext part"),  # an abbreviation is not a sentence end
+        _ids("Findings:\n2. pain in the toe, 38.5 degrees, still going on and on and on"),  # a list number, a decimal
+        _ids("Why: fits best!) And more"),
+    ])
+    assert [c.states[i].trigger for i in range(4)] == ["sentence", "sentence", "budget", "sentence"]
+    assert _chars(c.rows[0]) == "Short one. Then a longer sentence ends here."  # the space that would start one is not kept
+    assert _chars(c.rows[1]) == "Signs, e.g. fever and a rash."
+    assert len(c.rows[2]) == 60
+    assert _chars(c.rows[3]) == "Why: fits best!)"
+    assert c.states[0].scaffold == _ids("\nFinal diagnosis:")
+    c.conclude(0, 0, _ids(" gout") + [EOS], [0.6, 0.4])
+    assert _chars(c.rows[0]).endswith("ends here.\nFinal diagnosis: gout" + chr(EOS))
+    record = conclusion_record("constrained", c.states[0], ["gout", "lupus"], "per_token")
+    assert record["trigger"] == "sentence" and record["forced_by_budget"]
+    # never in the free mode, nor without stopping rules
+    for other in (_concluder(budget=60, k=1, sentence_after=12, constrained=False),
+                  _concluder(budget=60, k=1, sentence_after=12, stop_rules=False)):
+        _feed(other, [_ids("Short one. Then a longer sentence ends here. And on")], steps=20)
+        assert other.states[0].trigger is None and len(other.rows[0]) == 20
+
+
 def test_free_mode_stops_at_the_end_of_the_label_line():
     c = _concluder(constrained=False)
     _feed(c, [_ids("Toe pain.\nFinal diagnosis: gout\nMore text that is never spent"), _ids("no label" + chr(EOS))])
@@ -149,6 +175,42 @@ def test_every_constrained_trace_ends_in_a_candidate_with_exact_policy_logps(tin
         fresh = completion_logps(tiny_lm.model, batch)
     for i, t in enumerate(traces):
         assert torch.allclose(fresh[i, : len(t.completion_ids)], torch.tensor(t.old_logps), atol=1e-5)
+
+
+def test_a_row_past_the_threshold_concludes_at_its_sentence_end_with_exact_logps(tiny_lm, monkeypatch):
+    # row 0 ends a sentence at its fifth token and would start another at its sixth: that token
+    # is not kept, the label follows the full stop, and the stored log-probs are those of a fresh forward
+    import rlhf_core.rollout.generation as generation
+
+    tok = tiny_lm.tokenizer
+    period, starts_a_word = tok.encode(".", add_special_tokens=False)[-1], tok.encode(" The", add_special_tokens=False)[0]
+    original, calls = generation.sample_next, []
+
+    def sample_next(logits, *args):
+        tokens = original(logits, *args)
+        calls.append(1)
+        if len(calls) in (5, 6):
+            tokens[0] = period if len(calls) == 5 else starts_a_word
+        return tokens
+
+    monkeypatch.setattr(generation, "sample_next", sample_next)
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=2, max_new_tokens=12, wrap_up_from=0.3, seed=4))
+    first = traces[0]
+    reasoning = first.loss_mask.index(0)
+    assert first.conclusion["trigger"] == "sentence" and first.conclusion["forced_by_budget"]
+    assert reasoning == 5 and first.completion_ids[4] == period and starts_a_word not in first.completion_ids[:reasoning]
+    assert tok.decode(first.completion_ids[reasoning:]).startswith("\nFinal diagnosis:")
+    batch = collate(first.prompt_ids, [t.completion_ids for t in traces], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        fresh = completion_logps(tiny_lm.model, batch)
+    for i, t in enumerate(traces):
+        assert torch.allclose(fresh[i, : len(t.completion_ids)], torch.tensor(t.old_logps), atol=1e-5)
+    assert SamplingConfig(max_new_tokens=12, wrap_up_from=0.3).wrap_up_tokens() == 4
+    assert SamplingConfig(wrap_up_from=1).wrap_up_tokens() == 0
+    for share in (0, 1.5):
+        with pytest.raises(ValueError, match="wrap_up_from"):
+            SamplingConfig(wrap_up_from=share)
 
 
 @pytest.mark.parametrize("lean", [True, False])
