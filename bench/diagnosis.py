@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def _with_expected(observed: float, expected: float | None) -> str:
     return _pct(observed) if expected is None else f"{_pct(observed)}, expected {_pct(expected)}"
 
 
+def _cut_at_budget(report: dict) -> str:
+    """Share of traces whose label was inserted at the hard reasoning budget (mid-sentence);
+    "-" where the report's traces had no constrained conclusion."""
+    triggers = Counter()
+    for case in report["cases"]:
+        triggers.update(case.get("conclusion_triggers") or {})
+    if set(triggers) <= {"none"}:
+        return "-"
+    return _pct(triggers.get("budget", 0) / report["overall"]["sampled"])
+
+
 def table(reports: dict[str, dict]) -> str:
     first = next(iter(reports.values()))["settings"]
     rows = [
@@ -42,8 +54,8 @@ def table(reports: dict[str, dict]) -> str:
         "give on average, with less sampling noise than the one draw observed.",
         "",
         "| code | cases | accepted (all) | multiple choice | free text | concluded | cases with >= 1 accepted | "
-        "main rejection reasons | tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "main rejection reasons | cut at the hard budget | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in reports.items():
         o, mc, ft = r["overall"], r["multiple_choice"], r["free_text"]
@@ -54,7 +66,7 @@ def table(reports: dict[str, dict]) -> str:
             f"({_with_expected(o['acceptance'], o.get('expected_acceptance'))}) | {_pct(mc['acceptance'])} | "
             f"{_pct(ft['acceptance'])} | {_pct(o['concluded'])} | "
             f"{_with_expected(o['cases_with_an_accepted_trace'], o.get('expected_cases_with_an_accepted_trace'))} | "
-            f"{reasons} | "
+            f"{reasons} | {_cut_at_budget(r)} | "
             f"{r['tokens_per_second']:.0f} |"
         )
     return "\n".join(rows)

@@ -29,6 +29,7 @@ from rlhf_core.model.models import load_model
 from rlhf_core.rollout.sampler import RejectionConfig, sample_verified_stream
 
 from .common import load_json, machine, save_json, write_readme_block
+from .update import gemm_peak_gflops
 
 
 def time_to_k(lm, case, sampling: SamplingConfig, rejection: RejectionConfig, reference_is_policy: bool) -> dict:
@@ -100,7 +101,9 @@ def readme_block(result: dict) -> str:
     rej = result["rejection"]
     lines = [f"Model `{result['model']}`, {result['machine']}; K = {rej['k']}, {rej['budget']} free samples "
              f"(batch {rej['batch']}) then up to {rej['rationalise_budget']} rationalised, "
-             f"{result['sampling']['max_new_tokens']} reasoning tokens, default conclusion mode.", "",
+             f"{result['sampling']['max_new_tokens']} reasoning tokens, default conclusion mode"
+             + (f"; GEMM rate {result['gemm_gflops_before']:.0f} GFLOPS before the runs, "
+                f"{result['gemm_gflops_after']:.0f} after." if "gemm_gflops_after" in result else "."), "",
              "| policy | cases | median s to K (or to the end) | reached K | no rationalisation needed | free acceptance | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, name in (("first_generation", "v0 (first generation)"), ("after_updates", "updated (reference pass left to the ranked traces)")):
@@ -140,7 +143,9 @@ def main(argv=None) -> dict:
     cases = library[::step][: args.cases]
     sampling = SamplingConfig(seed=1, **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
     rejection = RejectionConfig(**({"batch": args.batch} if args.batch else {}))
-    result = {"machine": machine(), "model": args.model, "sampling": asdict(sampling), "rejection": asdict(rejection)}
+    # this VM's speed drifts by a third within an hour: its GEMM rate before and after says how fast it ran
+    result = {"machine": machine(), "gemm_gflops_before": gemm_peak_gflops(), "model": args.model,
+              "sampling": asdict(sampling), "rejection": asdict(rejection)}
     for label, pristine in (("first_generation", True), ("after_updates", False)):
         runs = []
         # as the app samples (ui/runner.py) without a reward model: no reference pass at
@@ -156,6 +161,7 @@ def main(argv=None) -> dict:
     if sizes:
         result["batch_sweep"] = batch_sweep(lm, library[::max(1, len(library) // args.sweep_cases)][: args.sweep_cases],
                                             sampling, sizes, args.sweep_samples)
+    result["gemm_gflops_after"] = gemm_peak_gflops()
     save_json(result, args.json_out)
     write_readme_block(readme_block(result), BEGIN, END)
     return result
