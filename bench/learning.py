@@ -124,6 +124,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the engine's for the mode)")
     parser.add_argument("--probe-taught", type=int, default=3)
     parser.add_argument("--probe-heldout", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=SimulationSettings.seed,
+                        help="the run's case order and sampling seeds (another seed: a replicate)")
     parser.add_argument("--eval-samples", type=int, default=2, help="held-out sampled A/B, per case and arm (0: skip)")
     parser.add_argument("--json-out", default="bench/learning.json")
     parser.add_argument("--png", default="bench/learning.png")
@@ -141,7 +143,8 @@ def main(argv=None) -> dict:
     before_heldout = [belief(engine.lm, c)["p_correct"] for c in heldout]
     before_train = {c.id: belief(engine.lm, c)["p_correct"] for c in train}
     baseline = engine.probe.score(engine.lm)
-    settings = SimulationSettings(algorithm=args.algorithm, updates=args.updates, steps=args.steps, lr=args.lr)
+    settings = SimulationSettings(algorithm=args.algorithm, updates=args.updates, steps=args.steps, lr=args.lr,
+                                  seed=args.seed)
     started = time.perf_counter()
     history = [{"version": 0, **baseline}]
     results = run_simulation(engine, settings, cases=train, on_update=lambda m: print(json.dumps(
