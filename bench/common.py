@@ -94,6 +94,20 @@ def write_readme_block(text: str, begin: str, end: str, append_if_missing: bool 
     README.write_text(content)
 
 
+def publish(result: dict, json_out: str | None, render, begin: str, end: str) -> dict:
+    """Save a benchmark's ``result`` to ``json_out`` and rewrite README's block from it (``render(result)``)."""
+    save_json(result, json_out)
+    write_readme_block(render(result), begin, end)
+    return result
+
+
+def republish(json_out: str, render, begin: str, end: str) -> dict:
+    """``--no-run``: rewrite README's block from the result stored in ``json_out``."""
+    result = load_json(json_out)
+    write_readme_block(render(result), begin, end)
+    return result
+
+
 def load_json(path: str):
     with open(path) as fh:
         return json.load(fh)

@@ -25,7 +25,7 @@ from rlhf_core.model.models import load_model
 from rlhf_core.rollout.generation import SamplingConfig, sample_traces
 from rlhf_core.rollout.prompts import build_messages, encode_prompt
 
-from .common import load_json, machine, save_json, write_readme_block
+from .common import machine, publish, republish
 
 BEGIN, END = "<!-- BEGIN probe results -->", "<!-- END probe results -->"
 
@@ -50,9 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
     if args.no_run:
-        result = load_json(args.json_out)
-        write_readme_block(readme_block(result), BEGIN, END)
-        return result
+        return republish(args.json_out, readme_block, BEGIN, END)
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes.split(",") if size.strip()]
     lm = load_model(args.model, device="cpu", dtype="float32", lora="auto")
     train, heldout = split_cases(load_library(default_cases_dir()))
@@ -79,9 +77,7 @@ def main(argv=None) -> dict:
         print(rows[-1], flush=True)
     result = {"machine": machine(), "model": args.model, "mode": "LoRA" if lm.lora else "full fine-tuning",
               "repeats": args.repeats, "sizes": rows}
-    save_json(result, args.json_out)
-    write_readme_block(readme_block(result), BEGIN, END)
-    return result
+    return publish(result, args.json_out, readme_block, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from rlhf_core.rollout.generation import SamplingConfig, sample_stream
 from rlhf_core.model.models import load_model
 from rlhf_core.rollout.sampler import RejectionConfig, sample_verified_stream
 
-from .common import load_json, machine, save_json, write_readme_block
+from .common import machine, publish, republish
 from .update import gemm_peak_gflops
 
 
@@ -134,9 +134,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
     if args.no_run:
-        result = load_json(args.json_out)
-        write_readme_block(readme_block(result), BEGIN, END)
-        return result
+        return republish(args.json_out, readme_block, BEGIN, END)
     lm = load_model(args.model, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
     step = max(1, len(library) // args.cases)
@@ -162,9 +160,7 @@ def main(argv=None) -> dict:
         result["batch_sweep"] = batch_sweep(lm, library[::max(1, len(library) // args.sweep_cases)][: args.sweep_cases],
                                             sampling, sizes, args.sweep_samples)
     result["gemm_gflops_after"] = gemm_peak_gflops()
-    save_json(result, args.json_out)
-    write_readme_block(readme_block(result), BEGIN, END)
-    return result
+    return publish(result, args.json_out, readme_block, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from rlhf_core.reward.reward_model import RewardConfig, fit
 from rlhf_core.reward.sequence_rm import SequenceRewardConfig, fit_sequence_rm, ranking_token_ids
 from rlhf_core.storage.store import Store
 
-from .common import load_json, machine, save_json, write_readme_block
+from .common import machine, publish, republish
 
 BEGIN, END = "<!-- BEGIN sequence reward model results -->", "<!-- END sequence reward model results -->"
 
@@ -56,9 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
     if args.no_run:
-        result = load_json(args.json_out)
-        write_readme_block(readme_block(result), BEGIN, END)
-        return result
+        return republish(args.json_out, readme_block, BEGIN, END)
     if not args.db:
         parser.error("--db is required unless --no-run")
     store = Store(args.db, readonly=True)
@@ -80,10 +78,8 @@ def main(argv=None) -> dict:
                         seq.score_rankings(held_ids, held_set.ranks.shape), held_set, seq.info["seconds"]))
     result = {"machine": machine(), "model": args.model, "source": f"{args.db}:{args.workspace}",
               "train_rankings": len(train), "heldout_rankings": len(held), "rows": rows}
-    save_json(result, args.json_out)
     print(json.dumps(result, indent=2))
-    write_readme_block(readme_block(result), BEGIN, END)
-    return result
+    return publish(result, args.json_out, readme_block, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from rlhf_core.rollout.sampler import RejectionConfig
 from rlhf_core.simulate import scripted_ranking
 from rlhf_core.training.update import DPOConfig
 
-from .common import load_json, machine, save_json, write_readme_block
+from .common import machine, publish, republish
 
 BEGIN, END = "<!-- BEGIN update wait -->", "<!-- END update wait -->"
 
@@ -64,9 +64,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
     if args.no_run:
-        result = load_json(args.json_out)
-        write_readme_block(readme_block(result), BEGIN, END)
-        return result
+        return republish(args.json_out, readme_block, BEGIN, END)
     engine = Engine(args.model, lora="auto", device="cpu", dtype="float32")
     train, heldout = split_cases(load_library(default_cases_dir()))
     engine.probe = ProbeSet(heldout=heldout[:2], max_taught=2)
@@ -95,9 +93,7 @@ def main(argv=None) -> dict:
               "n_per_arm": min(sum(r["prepare_s"] is None for r in later), sum(r["prepare_s"] is not None for r in later)),
               "at_submit": _medians([r for r in later if r["prepare_s"] is None]),
               "prepared": _medians([r for r in later if r["prepare_s"] is not None]), "rows": rows}
-    save_json(result, args.json_out)
-    write_readme_block(readme_block(result), BEGIN, END)
-    return result
+    return publish(result, args.json_out, readme_block, BEGIN, END)
 
 
 if __name__ == "__main__":
