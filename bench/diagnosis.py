@@ -43,6 +43,15 @@ def _cut_at_budget(report: dict) -> str:
     return _pct(triggers.get("budget", 0) / report["overall"]["sampled"])
 
 
+def _changing_mind(overall: dict) -> str:
+    """Accepted traces whose reasoning first concluded another candidate; "-" for a
+    report made before the verifier looked for them."""
+    if "accepted_changing_mind" not in overall:
+        return "-"
+    n, of = overall["accepted_changing_mind"], overall["accepted"]
+    return f"{n}/{of} ({_pct(n / of if of else 0.0)})"
+
+
 def table(reports: dict[str, dict]) -> str:
     first = next(iter(reports.values()))["settings"]
     rows = [
@@ -54,8 +63,9 @@ def table(reports: dict[str, dict]) -> str:
         "give on average, with less sampling noise than the one draw observed.",
         "",
         "| code | cases | accepted (all) | multiple choice | free text | concluded | cases with >= 1 accepted | "
-        "main rejection reasons | cut at the hard budget | tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "accepted, reasoning first concluded another candidate | main rejection reasons | cut at the hard budget | "
+        "tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in reports.items():
         o, mc, ft = r["overall"], r["multiple_choice"], r["free_text"]
@@ -66,7 +76,7 @@ def table(reports: dict[str, dict]) -> str:
             f"({_with_expected(o['acceptance'], o.get('expected_acceptance'))}) | {_pct(mc['acceptance'])} | "
             f"{_pct(ft['acceptance'])} | {_pct(o['concluded'])} | "
             f"{_with_expected(o['cases_with_an_accepted_trace'], o.get('expected_cases_with_an_accepted_trace'))} | "
-            f"{reasons} | {_cut_at_budget(r)} | "
+            f"{_changing_mind(o)} | {reasons} | {_cut_at_budget(r)} | "
             f"{r['tokens_per_second']:.0f} |"
         )
     return "\n".join(rows)

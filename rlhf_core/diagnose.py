@@ -77,6 +77,9 @@ def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
         "kind": "multiple_choice" if case.is_multiple_choice else "free_text",
         "sampled": len(traces),
         "accepted": accepted,
+        # accepted, but the reasoning first concluded another candidate (the card warns)
+        "accepted_changing_mind": sum(bool(t.verdict.get("accepted") and t.verdict.get("earlier_conclusion"))
+                                      for t in traces),
         "concluded": judged,
         "tokens": sum(len(t.completion_ids) for t in traces),
         "rejected_by_reason": dict(reasons),
@@ -106,6 +109,7 @@ def _summary(rows: list[dict]) -> dict:
         "belief_at_conclusion": sum(beliefs) / len(beliefs) if beliefs else None,
         "accepted": sum(r["accepted"] for r in rows),
         "acceptance": sum(r["accepted"] for r in rows) / sampled if sampled else 0.0,
+        "accepted_changing_mind": sum(r.get("accepted_changing_mind", 0) for r in rows),
         "concluded": sum(r["concluded"] for r in rows) / sampled if sampled else 0.0,
         "cases_with_an_accepted_trace": sum(r["accepted"] > 0 for r in rows) / len(rows) if rows else 0.0,
         "expected_acceptance": sum(r["expected_accepted"] for r in rows) / sampled if sampled else 0.0,
@@ -188,6 +192,9 @@ def format_report(report: dict, per_case: bool = True) -> str:
         lines.append(f"expected over the conclusion draws (the reasoning as sampled): acceptance "
                      f"{_pct(o['expected_acceptance']).strip()}, cases >=1 ok "
                      f"{_pct(o['expected_cases_with_an_accepted_trace']).strip()}")
+    if o.get("accepted"):
+        lines.append(f"accepted, but the reasoning first concluded another candidate: "
+                     f"{o.get('accepted_changing_mind', 0)}/{o['accepted']} (the conclusion stands; the card warns)")
     reasons = report["overall"]["rejected_by_reason"]
     if reasons:
         lines.append("rejections: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))

@@ -81,6 +81,19 @@ def test_the_expected_outcome_counts_the_chance_the_conclusion_draw_gave_the_rig
     assert _chance_of_an_accepted_trace([0.5, 0.5]) == 0.75 and _chance_of_an_accepted_trace([]) == 0.0
 
 
+def test_the_report_counts_accepted_traces_whose_reasoning_first_concluded_another_candidate():
+    from rlhf_core.diagnose import _case_row, _summary
+
+    names = ["renal colic", "acute appendicitis", "ovarian torsion"]
+    changed = _concluded(REASONING + " The most likely diagnosis is renal colic.", "acute appendicitis", [0.5, 0.2, 0.3], names)
+    right = _concluded(REASONING, "acute appendicitis", [0.5, 0.2, 0.3], names)
+    for t in (changed, right):
+        t.completion_ids, t.finish_reason = [1, 2], "conclusion"
+    row = _case_row(FREE, [changed, right])
+    assert row["accepted"] == 2 and row["accepted_changing_mind"] == 1
+    assert _summary([row])["accepted_changing_mind"] == 1
+
+
 def test_the_report_gives_the_expected_outcomes_beside_the_observed(tiny_lm):
     report = diagnose(tiny_lm, [FREE, MC], samples=3, sampling=SamplingConfig(max_new_tokens=6), seed=1)
     for row in report["cases"]:

@@ -334,6 +334,19 @@ def test_updates_from_two_sessions_are_serialised(room):
     assert sorted(r["annotator"] for r in room.store.rankings("default", status="applied")) == ["A", "B"]
 
 
+def test_a_trace_whose_reasoning_first_concluded_another_diagnosis_is_marked_on_its_card_and_label():
+    from ui.views import trace_header
+
+    verdict = {"accepted": True, "diagnosis": "acute appendicitis", "code": "accepted", "reason": "concluded"}
+    plain = {"text": "Pain moved to the right.", "verdict": verdict, "policy_version": 0}
+    changed = {**plain, "verdict": {**verdict, "earlier_conclusion": "ovarian <torsion>"}}
+    assert "first concluded another diagnosis" not in trace_header(plain, 0)
+    assert "first concluded another diagnosis" not in batch_module.ranking_label(plain, 0, 1)
+    card = trace_header(changed, 0)
+    assert "first concluded another diagnosis" in card and "ovarian &lt;torsion&gt;" in card and "<torsion>" not in card
+    assert "first concluded another diagnosis" in batch_module.ranking_label(changed, 0, 1)
+
+
 def test_chart_builders_are_pure_and_handle_empty_history():
     figs = charts.all_figures([])
     assert set(figs) == set(charts.CHARTS) and all(len(f.data) == 0 for f in figs.values())

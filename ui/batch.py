@@ -159,6 +159,8 @@ def ranking_label(trace: dict, index: int, position: int, reward: float | None =
         label += f" · reward model {reward:+.2f}"
     if not can_rank_first(trace):
         label += " · ⚠ hard safety violation"
+    if (trace.get("verdict") or {}).get("earlier_conclusion"):
+        label += " · ⚠ first concluded another diagnosis"
     if trace.get("rationalised"):
         label += " · rationalised"
     return label

@@ -84,6 +84,16 @@ def change_html(change: dict | None) -> str:
             f'token">after the update: now <b>{ratio:.3g}×</b> as likely ({per_token:+.4f} nats/token)</div>')
 
 
+def changed_mind_html(verdict: dict) -> str:
+    """A warning badge when an accepted trace's reasoning first concluded another candidate."""
+    earlier = verdict.get("earlier_conclusion")
+    if not earlier:
+        return ""
+    return (f' <span class="cr-badge cr-warn" title="its reasoning said the diagnosis was &quot;{esc(earlier)}&quot; '
+            f'before the conclusion named the answer: the conclusion stands (the last word counts), but the '
+            f'reasoning did not lead to it">⚠ first concluded another diagnosis</span>')
+
+
 def trace_header(trace: dict, index: int, position: int | None = None, change: dict | None = None) -> str:
     """The top of a finished trace card: name, verdict badge, diagnosis, reason, safety,
     and ``change``, what the last update did to it (``updates.likelihood_changes``)."""
@@ -95,7 +105,7 @@ def trace_header(trace: dict, index: int, position: int | None = None, change: d
     note = ' <span class="cr-muted">sampled with the answer as a hint (STaR)</span>' if trace.get("rationalised") else ""
     return (
         f'<div class="cr-card-head"><div class="cr-card-title">{rank}<b>Trace {esc(letter(index))}</b> '
-        f'{badge(kind, label)} {safety_html(trace)}</div>'
+        f'{badge(kind, label)} {safety_html(trace)}{changed_mind_html(verdict)}</div>'
         f'<div class="cr-dx">Final diagnosis: <b>{diagnosis}</b></div>'
         f'<div class="cr-reason">{esc(verdict.get("reason"))}{note}'
         f' <span class="cr-muted">· policy v{esc(trace.get("policy_version"))} · {esc(len(trace.get("completion_ids") or []))} tokens</span></div>'

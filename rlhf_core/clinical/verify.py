@@ -307,3 +307,28 @@ def check_trace(text: str, case: Case) -> Verdict:
         if later:
             return _verdict(later[0], concl, later[1])
     return _verdict(code, concl, detail)
+
+
+def earlier_disagreement(text: str, case: Case) -> str | None:
+    """The concluding sentence of the reasoning that named another of the case's
+    candidates (a distractor or a wrong option), or None.
+
+    Meant for an accepted trace: its conclusion is the last word and stands, but
+    "the most likely diagnosis is Y. ... Final diagnosis: X" did not reason to X,
+    and the clinician ranking it should see that. Only sentences that clearly
+    conclude (``sentence_conclusion``; "if", "initially", "consider" ... excluded)
+    and name a candidate count: a hedged or unreadable sentence is not a
+    disagreement. Returns the earliest such phrase.
+    """
+    if text is None or not str(text).strip():
+        return None
+    judge = _Judge(case)
+    rest = strip_markdown(basic_text(str(text)))
+    found = None
+    while True:
+        sent = sentence_conclusion(rest)
+        if sent is None:
+            return found
+        if judge(sent[1])[0] == "distractor":
+            found = sent[1]
+        rest = rest[: sent[0]]

@@ -18,7 +18,7 @@ from .degenerate import degenerate_reason
 from .generation import GenerationUpdate, SamplingConfig, setting
 from .records import Trace
 from ..clinical.safety import check_safety
-from ..clinical.verify import check_trace
+from ..clinical.verify import check_trace, earlier_disagreement
 
 # generate(case, config, hint) -> stream of GenerationUpdate, the last one carrying traces
 GenerateFn = Callable[[Case, SamplingConfig, "str | None"], Iterator[GenerationUpdate]]
@@ -138,12 +138,19 @@ def _dedup_key(text: str) -> str:
 
 def judge(text: str, case: Case, hinted: bool = False) -> dict:
     """The verifier's verdict on a trace's text. A correct conclusion without
-    reasoning worth ranking (``degenerate``) is rejected."""
+    reasoning worth ranking (``degenerate``) is rejected; one whose reasoning first
+    concluded another candidate stands (the last word counts) but says so in
+    ``earlier_conclusion`` and its reason, for the clinician who ranks it."""
     verdict = check_trace(text, case).to_dict()
     if verdict["accepted"]:
         found = degenerate_reason(text, verdict["diagnosis"], hinted=hinted)
         if found:
             verdict.update(accepted=False, code=found[0], reason=f"correct diagnosis, but {found[1]}")
+    if verdict["accepted"]:
+        earlier = earlier_disagreement(text, case)
+        if earlier:
+            verdict.update(earlier_conclusion=earlier,
+                           reason=f"{verdict['reason']}, but its reasoning first concluded '{earlier}'")
     return verdict
 
 

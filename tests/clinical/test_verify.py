@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 
 from rlhf_core.clinical.cases import Case
-from rlhf_core.clinical.verify import CODES, Verdict, check_trace, extract_conclusion, normalise_diagnosis
+from rlhf_core.clinical.verify import (
+    CODES, Verdict, check_trace, earlier_disagreement, extract_conclusion, normalise_diagnosis,
+)
 
 Q = "What is the most likely diagnosis?"
 
@@ -579,3 +581,39 @@ def test_answer_hedged_with_a_distractor_is_never_accepted():
                 for fmt in HEDGES:
                     text = fmt.format(a=a, d=d)
                     assert not check_trace(text, case).accepted, (case.id, text)
+
+
+# An accepted trace whose reasoning first concluded another candidate: the conclusion stands
+# (the last word counts) and the phrase it first concluded is reported; None where the reasoning
+# did not clearly conclude a candidate other than the answer.
+EARLIER = [
+    (APPY, "The most likely diagnosis is ovarian torsion. Pain migrated to the RLQ.\nFinal diagnosis: Acute appendicitis",
+     "ovarian torsion"),
+    (APPY, "These findings are most consistent with mesenteric adenitis.\n\nFinal diagnosis: acute appendicitis",
+     "mesenteric adenitis"),
+    (APPY, "Ectopic pregnancy is the most likely diagnosis here. But the test is negative.\nFinal diagnosis: appendicitis",
+     "Ectopic pregnancy"),
+    (APPY, "In summary, the patient has acute pancreatitis. Lipase is normal though.\nFinal diagnosis: Acute appendicitis",
+     "acute pancreatitis"),
+    (MI, "The most likely diagnosis is pericarditis. Then aortic dissection is the most likely diagnosis.\n"
+         "Final diagnosis: Acute myocardial infarction", "pericarditis"),
+    (MC, "To determine the answer, the correct answer is: A. Ovarian torsion.\nFinal diagnosis: C. Acute appendicitis",
+     "A. Ovarian torsion"),
+    (PE, REASONING + "The most likely diagnosis for this patient is pneumonia.\nFinal diagnosis: Pulmonary embolism",
+     "pneumonia"),
+    # not a disagreement: consistent, hypothetical, hedged, differential listing, no earlier conclusion
+    (APPY, "The most likely diagnosis is acute appendicitis.\nFinal diagnosis: Acute appendicitis", None),
+    (APPY, "If the diagnosis is ovarian torsion, surgery is urgent.\nFinal diagnosis: Acute appendicitis", None),
+    (APPY, "Initially I thought the most likely diagnosis was ovarian torsion.\nFinal diagnosis: Acute appendicitis", None),
+    (APPY, "The most likely diagnosis is appendicitis or ovarian torsion.\nFinal diagnosis: Acute appendicitis", None),
+    (APPY, "Differential: ovarian torsion, ectopic pregnancy, appendicitis.\nFinal diagnosis: Acute appendicitis", None),
+    (APPY, REASONING + "Final diagnosis: Acute appendicitis", None),
+    (APPY, "We must rule out ovarian torsion. The diagnosis is not ectopic pregnancy.\nFinal diagnosis: appendicitis", None),
+    (MI, "Aortic dissection is unlikely because pulses are equal.\nFinal diagnosis: Acute myocardial infarction", None),
+]
+
+
+@pytest.mark.parametrize("case,text,earlier", EARLIER)
+def test_earlier_disagreement_is_reported_and_the_conclusion_stands(case, text, earlier):
+    assert check_trace(text, case).accepted, text
+    assert earlier_disagreement(text, case) == earlier

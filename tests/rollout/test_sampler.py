@@ -169,3 +169,16 @@ def test_a_batch_stops_as_soon_as_the_run_has_k_and_drops_the_rows_still_reasoni
     whole = StoppableGenerator([WRONG, RIGHT, NONE, WRONG])
     result = sample_verified(whole, case, SamplingConfig(k=4, seed=1), RejectionConfig(k=2, budget=4, rationalise=False))
     assert whole.stopped_after is None and result.report.sampled == 4 and result.report.cut_short == 0
+
+
+def test_an_accepted_trace_whose_reasoning_first_concluded_a_distractor_is_kept_and_flagged(case):
+    changed = WHY + "The most likely diagnosis is mesenteric adenitis. Yet the pain migrated.\nFinal diagnosis: acute appendicitis"
+    gen = ScriptedGenerator([[changed, RIGHT, WRONG, NONE]])
+    result = sample_verified(gen, case, SamplingConfig(k=4, seed=1), RejectionConfig(k=2, budget=4, rationalise=False))
+    flagged, plain = result.accepted
+    assert flagged.text == changed and flagged.verdict["accepted"]
+    assert flagged.verdict["earlier_conclusion"] == "mesenteric adenitis"
+    assert "first concluded 'mesenteric adenitis'" in flagged.verdict["reason"]
+    assert "earlier_conclusion" not in plain.verdict
+    # a rejected trace is not flagged: its own conclusion already rejects it
+    assert all("earlier_conclusion" not in t.verdict for t in result.all_traces if not t.verdict["accepted"])
