@@ -279,7 +279,7 @@ def test_switch_model_discards_only_after_confirmation(room):
     old_batch = asked["session"]["batch"]
     outs = list(model_tab.confirm(room, asked["session"], False, ""))
     assert room.describe()["mode"] == "lora" and outs[-1]["session"]["batch"] is None
-    assert outs[-1]["lr"] == pytest.approx(5e-5)
+    assert outs[-1]["lr"] == pytest.approx(1e-4)
     # "default" holds a full fine-tuned policy: the LoRA model gets a workspace of its own
     assert room.workspace == "tiny-random-lora" and room.version == 0 and room.metrics("update") == []
     assert "workspace tiny-random-lora" in outs[-1]["model_status"]
@@ -345,6 +345,10 @@ def test_a_trace_whose_reasoning_first_concluded_another_diagnosis_is_marked_on_
     card = trace_header(changed, 0)
     assert "first concluded another diagnosis" in card and "ovarian &lt;torsion&gt;" in card and "<torsion>" not in card
     assert "first concluded another diagnosis" in batch_module.ranking_label(changed, 0, 1)
+    from ui.api import trace_summary
+
+    assert trace_summary({**changed, "trace_id": "t1"})["earlier_conclusion"] == "ovarian <torsion>"
+    assert trace_summary({**plain, "trace_id": "t2"})["earlier_conclusion"] is None
 
 
 def test_chart_builders_are_pure_and_handle_empty_history():

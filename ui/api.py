@@ -26,7 +26,9 @@ def trace_summary(trace: dict) -> dict:
     return {
         "trace_id": trace["trace_id"], "text": trace["text"], "accepted": bool(verdict.get("accepted")),
         "rationalised": bool(trace.get("rationalised")), "diagnosis": verdict.get("diagnosis"),
-        "reason": verdict.get("reason"), "code": verdict.get("code"), "safety_score": safety.get("score"),
+        "reason": verdict.get("reason"), "code": verdict.get("code"),
+        # an accepted trace whose reasoning first concluded another candidate: that phrase
+        "earlier_conclusion": verdict.get("earlier_conclusion"), "safety_score": safety.get("score"),
         "violations": safety.get("violations") or [], "can_rank_first": can_rank_first(trace),
         "policy_version": trace.get("policy_version"),
     }
