@@ -5,6 +5,8 @@
 
 Rewrites README's block between the "learning results" markers (not with
 ``--no-readme``: an experiment off the app's defaults, e.g. ``--steps 1 --lr 1e-4``).
+A replicate (``--seed 1 --eval-samples 0 --png '' --no-readme --json-out
+bench/learning_seed1.json``) is summarised under the table while its settings match.
 
 Runs ``simulate``'s loop (training split of the library, the app's defaults)
 with the engine's probe set on, and reports, per taught case and for every
@@ -22,6 +24,7 @@ import json
 import statistics
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from rlhf_core.belief import ProbeSet, belief
 from rlhf_core.clinical.cases import default_cases_dir, load_library
@@ -81,8 +84,24 @@ def _p(x) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
-def readme_block(result: dict, png: str | None) -> str:
-    """README's summary of a run, from its stored result."""
+def replicate_lines(result: dict, replicates: list[dict]) -> list[str]:
+    """README lines for replicate runs (another ``--seed``) of the same model, mode and
+    optimisation as ``result``; replicates of other settings are stale and left out."""
+    same = [r for r in replicates if (r.get("model"), r.get("mode"), r.get("optimisation"), r["settings"].get("updates"))
+            == (result.get("model"), result.get("mode"), result.get("optimisation"), result["settings"].get("updates"))
+            and r["settings"].get("seed") != result["settings"].get("seed")]
+    lines = []
+    for r in sorted(same, key=lambda r: r["settings"]["seed"]):
+        t, h = r["taught"], r["heldout"]
+        lines.append(f"Replicate with seed {r['settings']['seed']} (another case order and sampling seeds): taught "
+                     f"{t['mean_before']:.3f} → {t['mean_after']:.3f}, improved on {t['improved']}/{t['n']} "
+                     f"({t['share_improved']:.0%}, Wilcoxon p {_p(t['wilcoxon_p'])}); held out {h['mean_before']:.3f} → "
+                     f"{h['mean_after']:.3f}, {h['improved']}/{h['n']} improved (Wilcoxon p {_p(h['wilcoxon_p'])}).")
+    return ["", *lines] if lines else []
+
+
+def readme_block(result: dict, png: str | None, replicates: list[dict] | None = None) -> str:
+    """README's summary of a run, from its stored result, with any ``replicate_lines``."""
     s = result["settings"]
     # runs before these were recorded: probe 3 + 3, optimisation not stored
     o, probe = result.get("optimisation"), result.get("probe", {"taught": 3, "heldout": 3})
@@ -102,6 +121,7 @@ def readme_block(result: dict, png: str | None) -> str:
     if ab:
         lines += ["", f"Held-out sampled acceptance (`evaluate`): reference {ab['reference']['accepted']}/{ab['reference']['n']}, "
                       f"policy {ab['policy']['accepted']}/{ab['policy']['n']}, Fisher p = {_p(ab['fisher_p'])}."]
+    lines += replicate_lines(result, replicates or [])
     if png:
         taught_probe = probe["taught"]
         lines += ["", f"![probe curves]({png})", "",
@@ -109,6 +129,11 @@ def readme_block(result: dict, png: str | None) -> str:
                   f"{taught_probe} of them over the first versions, hence its first jumps); the table above scores every "
                   "taught case before and after."]
     return "\n".join(lines)
+
+
+def stored_replicates() -> list[dict]:
+    """The stored replicate runs (``--seed N --json-out bench/learning_seedN.json --no-readme``)."""
+    return [load_json(str(p)) for p in sorted(Path(__file__).parent.glob("learning_seed*.json"))]
 
 
 def main(argv=None) -> dict:
@@ -134,7 +159,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.no_run:
         result = load_json(args.json_out)
-        write_readme_block(readme_block(result, args.png), BEGIN, END)
+        write_readme_block(readme_block(result, args.png, stored_replicates()), BEGIN, END)
         return result
     engine = Engine(args.model, lora=args.lora, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
@@ -178,7 +203,7 @@ def main(argv=None) -> dict:
     if args.png:
         draw(history, args.png)
     if not args.no_readme:
-        write_readme_block(readme_block(result, args.png), BEGIN, END)
+        write_readme_block(readme_block(result, args.png, stored_replicates()), BEGIN, END)
     return result
 
 

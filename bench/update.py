@@ -32,7 +32,7 @@ from rlhf_core.rollout.teacher import score_completions
 from rlhf_core.rollout.records import Trace
 from rlhf_core.model.models import load_model
 from rlhf_core.rollout.prompts import build_messages
-from rlhf_core.training.update import DPOConfig, PolicyTrainer
+from rlhf_core.training.update import FULL_LR, LORA_LR, DPOConfig, PolicyTrainer
 
 from .common import BENCH_CASE, machine, median, save_json
 
@@ -187,7 +187,7 @@ def main(argv=None) -> list[dict]:
     results = []
     for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
         lora = mode == "lora"
-        lr = 5e-5 if lora else 5e-6
+        lr = LORA_LR if lora else FULL_LR
         # like TRL's default, no activation checkpointing; the checkpointed (low-memory) run is reported beside it
         ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=False)
         ours_ck_t, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)

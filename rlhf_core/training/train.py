@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default: 5e-6 full fine-tuning, 5e-5 LoRA")
+    p.add_argument("--lr", type=float, default=None, help="default: 5e-6 full fine-tuning, 1e-4 LoRA")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per process per step")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
