@@ -349,6 +349,13 @@ def test_a_trace_whose_reasoning_first_concluded_another_diagnosis_is_marked_on_
 
     assert trace_summary({**changed, "trace_id": "t1"})["earlier_conclusion"] == "ovarian <torsion>"
     assert trace_summary({**plain, "trace_id": "t2"})["earlier_conclusion"] is None
+    # the ranking starts with the consistent traces, the changed mind below them, a hard violation last
+    from ui.ranking import initial_order
+
+    hard = {**plain, "trace_id": "h", "safety": {"score": 0.2, "violations": [
+        {"kind": "allergy", "severity": "hard", "reason": "penicillin to an allergic patient"}]}}
+    traces = [hard, {**changed, "trace_id": "c"}, {**plain, "trace_id": "p1"}, {**plain, "trace_id": "p2"}]
+    assert initial_order(traces) == ["p1", "p2", "c", "h"]
 
 
 def test_chart_builders_are_pure_and_handle_empty_history():

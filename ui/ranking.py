@@ -70,9 +70,13 @@ def letter(index: int) -> str:
 
 
 def initial_order(traces: list[dict]) -> list[str]:
-    """Generation order, with traces that may not be first moved to the bottom."""
-    ok = [t["trace_id"] for t in traces if can_rank_first(t)]
-    return ok + [t["trace_id"] for t in traces if not can_rank_first(t)]
+    """Generation order, with traces whose reasoning first concluded another diagnosis
+    moved below the others, and traces that may not be first to the bottom."""
+
+    def place(t: dict) -> tuple[bool, bool]:
+        return not can_rank_first(t), bool((t.get("verdict") or {}).get("earlier_conclusion"))
+
+    return [t["trace_id"] for t in sorted(traces, key=place)]
 
 
 def move(order: list[str], trace_id: str, delta: int, traces: list[dict]) -> tuple[list[str], str | None]:
