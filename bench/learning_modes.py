@@ -17,18 +17,27 @@ from .learning import _p
 BEGIN, END = "<!-- BEGIN learning modes -->", "<!-- END learning modes -->"
 
 
+# runs stored before bench.learning recorded its optimisation ran at the defaults of then
+_DEFAULT_LR_BEFORE_RECORDED = {"full": 5e-6, "lora": 5e-5}
+
+
+def _lr(mode: str, run: dict) -> str:
+    o = run.get("optimisation")
+    return f"{o['lr']:g}" if o else f"{_DEFAULT_LR_BEFORE_RECORDED[mode]:g} (the default then)"
+
+
 def readme_block(runs: dict[str, dict]) -> str:
     """One row per mode and case group, from the two stored ``bench.learning`` results."""
     first = next(iter(runs.values()))
     lines = [f"Model `{first['model']}`, {first['machine']}: {first['updates']} scripted "
              f"{first['settings']['algorithm'].upper()} updates each, same cases and seeds.", "",
-             "| mode | cases | mean P(correct) before | after | improved | Wilcoxon p | median update | KL after (probe) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mode | lr | cases | mean P(correct) before | after | improved | Wilcoxon p | median update | KL after (probe) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode, r in runs.items():
         kl = r["history"][-1].get("probe/kl")
         for key, name in (("taught", "taught"), ("heldout", "held out")):
             x = r[key]
-            lines.append(f"| {mode} | {name} ({x['n']}) | {x['mean_before']:.4f} | {x['mean_after']:.4f} | "
+            lines.append(f"| {mode} | {_lr(mode, r)} | {name} ({x['n']}) | {x['mean_before']:.4f} | {x['mean_after']:.4f} | "
                          f"{x['improved']}/{x['n']} | {_p(x['wilcoxon_p'])} | {r['update_seconds_median']:.1f} s | "
                          f"{'n/a' if kl is None else f'{kl:.3f}'} |")
     return "\n".join(lines)
