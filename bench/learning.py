@@ -92,10 +92,12 @@ def replicate_lines(result: dict, replicates: list[dict]) -> list[str]:
             and r["settings"].get("seed") != result["settings"].get("seed")]
     lines = []
     for r in sorted(same, key=lambda r: r["settings"]["seed"]):
-        t, h = r["taught"], r["heldout"]
+        t, u, h = r["taught"], r["untaught_train"], r["heldout"]
         lines.append(f"Replicate with seed {r['settings']['seed']} (another case order and sampling seeds): taught "
                      f"{t['mean_before']:.3f} → {t['mean_after']:.3f}, improved on {t['improved']}/{t['n']} "
-                     f"({t['share_improved']:.0%}, Wilcoxon p {_p(t['wilcoxon_p'])}); held out {h['mean_before']:.3f} → "
+                     f"({t['share_improved']:.0%}, Wilcoxon p {_p(t['wilcoxon_p'])}); training split not ranked "
+                     f"{u['mean_before']:.3f} → {u['mean_after']:.3f}, {u['improved']}/{u['n']} improved (Wilcoxon p "
+                     f"{_p(u['wilcoxon_p'])}); held out {h['mean_before']:.3f} → "
                      f"{h['mean_after']:.3f}, {h['improved']}/{h['n']} improved (Wilcoxon p {_p(h['wilcoxon_p'])}).")
     return ["", *lines] if lines else []
 
