@@ -33,7 +33,7 @@ from rlhf_core.evaluate import heldout_comparison, split_cases
 from rlhf_core.simulate import SimulationSettings, run_simulation
 from rlhf_core.training.update import default_lr
 
-from .common import load_json, machine, save_json, write_readme_block
+from .common import load_json, machine, republish, save_json, write_readme_block
 
 
 def _paired(before: list[float], after: list[float]) -> dict:
@@ -160,9 +160,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-readme", action="store_true", help="leave README as it is")
     args = parser.parse_args(argv)
     if args.no_run:
-        result = load_json(args.json_out)
-        write_readme_block(readme_block(result, args.png, stored_replicates()), BEGIN, END)
-        return result
+        return republish(args.json_out, lambda result: readme_block(result, args.png, stored_replicates()), BEGIN, END)
     engine = Engine(args.model, lora=args.lora, device="cpu", dtype="float32")
     library = load_library(default_cases_dir())
     train, heldout = split_cases(library)

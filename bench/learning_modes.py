@@ -17,15 +17,6 @@ from .learning import _p
 BEGIN, END = "<!-- BEGIN learning modes -->", "<!-- END learning modes -->"
 
 
-# runs stored before bench.learning recorded its optimisation ran at the defaults of then
-_DEFAULT_LR_BEFORE_RECORDED = {"full": 5e-6, "lora": 5e-5}
-
-
-def _lr(mode: str, run: dict) -> str:
-    o = run.get("optimisation")
-    return f"{o['lr']:g}" if o else f"{_DEFAULT_LR_BEFORE_RECORDED[mode]:g} (the default then)"
-
-
 def readme_block(runs: dict[str, dict]) -> str:
     """One row per mode and case group, from the two stored ``bench.learning`` results."""
     first = next(iter(runs.values()))
@@ -37,7 +28,7 @@ def readme_block(runs: dict[str, dict]) -> str:
         kl = r["history"][-1].get("probe/kl")
         for key, name in (("taught", "taught"), ("heldout", "held out")):
             x = r[key]
-            lines.append(f"| {mode} | {_lr(mode, r)} | {name} ({x['n']}) | {x['mean_before']:.4f} | {x['mean_after']:.4f} | "
+            lines.append(f"| {mode} | {r['optimisation']['lr']:g} | {name} ({x['n']}) | {x['mean_before']:.4f} | {x['mean_after']:.4f} | "
                          f"{x['improved']}/{x['n']} | {_p(x['wilcoxon_p'])} | {r['update_seconds_median']:.1f} s | "
                          f"{'n/a' if kl is None else f'{kl:.3f}'} |")
     return "\n".join(lines)

@@ -241,6 +241,15 @@ def _label_rest(line: str) -> str | None:
     return m.group("rest")
 
 
+def _concluding_sentences(text: str) -> list[str]:
+    """The phrase of every clear concluding sentence in ``text`` (``sentence_conclusion``), last first."""
+    phrases = []
+    while (sent := sentence_conclusion(text)) is not None:
+        phrases.append(sent[1])
+        text = text[: sent[0]]
+    return phrases
+
+
 def _later_disagreement(tail: str, tier: int, judge: _Judge) -> tuple[str, str] | None:
     """(code, why) when the text after an accepted conclusion undoes it, else None.
 
@@ -273,13 +282,7 @@ def _later_disagreement(tail: str, tier: int, judge: _Judge) -> tuple[str, str] 
             later.append(trim_text(first_sentence(strip_markdown(rest))))
     for m in _LATER_LABEL_RE.finditer(strip_markdown(tail)):  # also mid-line
         later.append(trim_text(first_sentence(m.group("x"))))
-    rest = tail
-    while True:
-        sent = sentence_conclusion(rest)
-        if sent is None:
-            break
-        later.append(sent[1])
-        rest = rest[: sent[0]]
+    later += _concluding_sentences(tail)
     for phrase in later:
         if phrase and judge(phrase)[0] != "accepted":
             return "multiple_diagnoses", f"later concludes '{phrase}'"
@@ -323,12 +326,6 @@ def earlier_disagreement(text: str, case: Case) -> str | None:
     if text is None or not str(text).strip():
         return None
     judge = _Judge(case)
-    rest = strip_markdown(basic_text(str(text)))
-    found = None
-    while True:
-        sent = sentence_conclusion(rest)
-        if sent is None:
-            return found
-        if judge(sent[1])[0] == "distractor":
-            found = sent[1]
-        rest = rest[: sent[0]]
+    phrases = _concluding_sentences(strip_markdown(basic_text(str(text))))
+    named_another = [p for p in phrases if judge(p)[0] == "distractor"]
+    return named_another[-1] if named_another else None  # last first: the earliest is at the end
