@@ -190,6 +190,9 @@ def main(argv=None) -> dict:
         "untaught_train": _paired([before_train[c.id] for c in train if c.id not in after_train],
                                   [belief(engine.lm, c)["p_correct"] for c in train if c.id not in after_train]),
         "heldout": _paired(before_heldout, after_heldout),
+        "taught_cases": {c: {"before": before_train[c], "after": after_train[c]} for c in taught},
+        # updates whose accepted traces included one that first concluded another diagnosis
+        "updates_with_changed_mind": sum(bool(m.get("ranked_changing_mind")) for m in results),
         "probe_seconds_median": statistics.median(m["probe/seconds"] for m in results if "probe/seconds" in m),
         "update_seconds_median": statistics.median(m["seconds"] for m in results),
         "history": history,

@@ -19,13 +19,16 @@ from .training.update import make_config
 
 
 def scripted_ranking(traces: list[Trace]) -> list[int]:
-    """The simulated clinician: verified first, then safer, then more concise."""
+    """The simulated clinician: verified first; among them, reasoning consistent with its
+    conclusion before reasoning that first concluded another diagnosis (the warning the
+    clinician sees on the card, and the app's initial order); then safer, then more concise."""
 
     def key(i: int):
         t = traces[i]
-        verified = bool(t.verdict and t.verdict.get("accepted"))
+        verdict = t.verdict or {}
         safety = t.safety["score"] if t.safety else 1.0
-        return (not verified, -safety, len(t.completion_ids), i)
+        return (not verdict.get("accepted"), bool(verdict.get("earlier_conclusion")), -safety,
+                len(t.completion_ids), i)
 
     return sorted(range(len(traces)), key=key)
 
@@ -130,6 +133,7 @@ def play_round(engine: Engine, case: Case, settings: SimulationSettings, n: int,
         acceptance_rate=result.report.acceptance_rate,
         sampling=result.report.to_dict(),
         ranked_accepted=len(result.accepted),
+        ranked_changing_mind=sum(bool(t.verdict.get("earlier_conclusion")) for t in result.accepted),
         below_the_line=len(group) - ranked if ranked else 0,
         ranked_rationalised=sum(t.rationalised for t in group),
         safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,

@@ -12,7 +12,8 @@ import pytest
 
 from rlhf_core.clinical.cases import Case
 from rlhf_core.engine import Engine
-from rlhf_core.simulate import SimulationSettings, run_simulation
+from rlhf_core.rollout.records import Trace
+from rlhf_core.simulate import SimulationSettings, run_simulation, scripted_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +107,24 @@ def test_sigkill_mid_update_loses_no_ranking_and_restart_resumes(tmp_path):
     assert len(metrics) == lines_before + 1 and metrics[-1]["version"] == versions[-1]
     assert metrics[-1]["update"] == len(versions) - 1  # update numbers continue
     print(f"killed with {len(seen['rankings'])} ranking(s) seen, mid-update={mid_update}, pending={pending}")
+
+
+def test_scripted_clinician_ranks_consistent_reasoning_above_a_change_of_mind():
+    def trace(tokens: int, accepted: bool, earlier: str | None = None, safety: float = 1.0) -> Trace:
+        verdict = {"accepted": accepted, **({"earlier_conclusion": earlier} if earlier else {})}
+        return Trace(case_id="c", prompt_ids=[1], completion_ids=[2] * tokens, text="", finish_reason="eos",
+                     old_logps=[0.0] * tokens, ref_logps=[0.0] * tokens, policy_version=0, verdict=verdict,
+                     safety={"score": safety})
+
+    traces = [
+        trace(5, accepted=True, earlier="appendicitis"),  # shortest, but its reasoning concluded a distractor
+        trace(9, accepted=True, safety=0.5),
+        trace(7, accepted=False),
+        trace(8, accepted=True),
+        trace(6, accepted=True, earlier="appendicitis", safety=0.2),
+    ]
+    # verified first; consistent before changed-mind; then safer; then shorter
+    assert scripted_ranking(traces) == [3, 1, 0, 4, 2]
 
 
 def test_run_simulation_records_everything_and_continues(tmp_path, case):
