@@ -99,6 +99,12 @@ def replicate_lines(result: dict, replicates: list[dict]) -> list[str]:
                      f"{u['mean_before']:.3f} → {u['mean_after']:.3f}, {u['improved']}/{u['n']} improved (Wilcoxon p "
                      f"{_p(u['wilcoxon_p'])}); held out {h['mean_before']:.3f} → "
                      f"{h['mean_after']:.3f}, {h['improved']}/{h['n']} improved (Wilcoxon p {_p(h['wilcoxon_p'])}).")
+    if lines:
+        runs = [result, *same]
+        improved, n = sum(r["taught"]["improved"] for r in runs), sum(r["taught"]["n"] for r in runs)
+        change = sum(r["taught"]["mean_change"] * r["taught"]["n"] for r in runs) / n
+        lines.append(f"The {len(runs)} runs together: the taught cases improved on {improved}/{n} ({improved / n:.0%}), "
+                     f"mean change {change:+.3f}.")
     return ["", *lines] if lines else []
 
 
