@@ -1,7 +1,7 @@
 """Run every benchmark and rewrite README's performance table.
 
     pip install -r bench/requirements.txt
-    python -m bench [--model smollm2-135m] [--repeats 3] [--no-readme]
+    python -m bench [--model smollm2-135m] [--repeats 3] [--no-readme] [--only generate|update|roundtrip]
 
 Results also go to bench/results.json. Benchmarks need a quiet machine: other
 processes on the same cores skew every number (ratios less, as both sides of a
@@ -20,6 +20,7 @@ from .common import machine, write_readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- BEGIN bench results -->", "<!-- END bench results -->"
+PARTS = {"generate": generate, "update": update, "roundtrip": roundtrip}
 
 
 def table(gen: dict, upd: list[dict], rt: list[dict]) -> str:
@@ -78,6 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--from-results", action="store_true",
                         help="rewrite README's table from bench/results.json (roofline recomputed), running nothing")
+    parser.add_argument("--only", choices=PARTS, default=None,
+                        help="rerun one part and keep the others from bench/results.json")
     args = parser.parse_args(argv)
     if args.from_results:
         stored = json.loads((ROOT / "bench" / "results.json").read_text())
@@ -89,11 +92,11 @@ def main(argv=None) -> None:
         write_readme_block(table(stored["generate"], stored["update"], stored["roundtrip"]), BEGIN, END)
         return
     common = ["--model", args.model, "--repeats", str(args.repeats)]
-    gen = generate.main(common)
-    upd = update.main(common)
-    rt = roundtrip.main(common)
-    (ROOT / "bench" / "results.json").write_text(json.dumps({"generate": gen, "update": upd, "roundtrip": rt}, indent=2))
-    text = table(gen, upd, rt)
+    results = json.loads((ROOT / "bench" / "results.json").read_text()) if args.only else {}
+    for part in [args.only] if args.only else PARTS:
+        results[part] = PARTS[part].main(common)
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+    text = table(results["generate"], results["update"], results["roundtrip"])
     print(text)
     if not args.no_readme:
         write_readme_block(text, BEGIN, END, append_if_missing=True)
