@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from .clinical.cases import Case
 from .rollout.generation import SamplingConfig, sample_traces
 from .model.models import LoadedModel
-from .rollout.sampler import annotate, judge
+from .rollout.sampler import annotate, changed_mind, judge
 from .clinical.verify import check_trace
 
 
@@ -78,7 +78,7 @@ def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
         "sampled": len(traces),
         "accepted": accepted,
         # accepted, but the reasoning first concluded another candidate (the card warns)
-        "accepted_changing_mind": sum(bool(t.verdict.get("accepted") and t.verdict.get("earlier_conclusion"))
+        "accepted_changing_mind": sum(bool(t.verdict.get("accepted")) and changed_mind(t.verdict)
                                       for t in traces),
         "concluded": judged,
         "tokens": sum(len(t.completion_ids) for t in traces),

@@ -14,7 +14,7 @@ from .rollout.generation import SamplingConfig
 from .rollout.records import Trace
 from .library import library_or_builtin
 from .reward.reward_data import MODEL_RANKED
-from .rollout.sampler import RejectionConfig
+from .rollout.sampler import RejectionConfig, changed_mind
 from .training.update import make_config
 
 
@@ -27,7 +27,7 @@ def scripted_ranking(traces: list[Trace]) -> list[int]:
         t = traces[i]
         verdict = t.verdict or {}
         safety = t.safety["score"] if t.safety else 1.0
-        return (not verdict.get("accepted"), bool(verdict.get("earlier_conclusion")), -safety,
+        return (not verdict.get("accepted"), changed_mind(verdict), -safety,
                 len(t.completion_ids), i)
 
     return sorted(range(len(traces)), key=key)
@@ -133,7 +133,7 @@ def play_round(engine: Engine, case: Case, settings: SimulationSettings, n: int,
         acceptance_rate=result.report.acceptance_rate,
         sampling=result.report.to_dict(),
         ranked_accepted=len(result.accepted),
-        ranked_changing_mind=sum(bool(t.verdict.get("earlier_conclusion")) for t in result.accepted),
+        ranked_changing_mind=sum(changed_mind(t.verdict) for t in result.accepted),
         below_the_line=len(group) - ranked if ranked else 0,
         ranked_rationalised=sum(t.rationalised for t in group),
         safety_mean=sum(safety_scores) / len(safety_scores) if safety_scores else None,

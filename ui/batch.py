@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from rlhf_core.rollout.sampler import changed_mind
+
 from .ranking import can_rank_first, initial_order, letter
 from .views import below_the_line_html, esc, live_header, rejected_html, status_html, trace_header
 
@@ -159,7 +161,7 @@ def ranking_label(trace: dict, index: int, position: int, reward: float | None =
         label += f" · reward model {reward:+.2f}"
     if not can_rank_first(trace):
         label += " · ⚠ hard safety violation"
-    if (trace.get("verdict") or {}).get("earlier_conclusion"):
+    if changed_mind(trace.get("verdict")):
         label += " · ⚠ first concluded another diagnosis"
     if trace.get("rationalised"):
         label += " · rationalised"

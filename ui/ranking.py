@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import string
 
+from rlhf_core.rollout.sampler import changed_mind
+
 
 class RankingError(ValueError):
     """A ranking that cannot be submitted; the message says why, for the clinician."""
@@ -74,7 +76,7 @@ def initial_order(traces: list[dict]) -> list[str]:
     moved below the others, and traces that may not be first to the bottom."""
 
     def place(t: dict) -> tuple[bool, bool]:
-        return not can_rank_first(t), bool((t.get("verdict") or {}).get("earlier_conclusion"))
+        return not can_rank_first(t), changed_mind(t.get("verdict"))
 
     return [t["trace_id"] for t in sorted(traces, key=place)]
 

@@ -154,6 +154,11 @@ def judge(text: str, case: Case, hinted: bool = False) -> dict:
     return verdict
 
 
+def changed_mind(verdict: dict | None) -> bool:
+    """Whether ``judge`` found that the trace's reasoning first concluded another candidate."""
+    return bool((verdict or {}).get("earlier_conclusion"))
+
+
 def annotate(trace: Trace, case: Case) -> Trace:
     """Attach the verifier's verdict (``judge``) and the safety check to a trace."""
     trace.verdict = judge(trace.text, case, hinted=trace.rationalised)
