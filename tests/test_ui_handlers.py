@@ -243,6 +243,23 @@ def test_the_reference_pass_runs_while_the_clinician_reads_and_not_after_a_switc
     assert room.runner.prepare_reference(session["batch"]["traces"], session["batch"]["model_key"]) == 0
 
 
+def test_the_apis_generate_starts_the_reference_pass_its_update_needs(room, monkeypatch):
+    from ui import api
+
+    batch = api.api_generate(room, sc.CASE.id, k=3)
+    trainable = [t["trace_id"] for t in batch["traces"] + batch["below_the_line"]]
+    room.runner.reference_thread.join(timeout=60)
+    assert set(room.engine.store.trace_references(room.workspace, trainable)) == set(trainable)
+    filled_in_update = []
+    reference_pass = room.engine._reference_pass
+    monkeypatch.setattr(room.engine, "_reference_pass",
+                        lambda traces, **kw: filled_in_update.extend(reference_pass(traces, **kw)) or [])
+    order = [t["trace_id"] for t in batch["traces"] if t["can_rank_first"]]
+    order += [t["trace_id"] for t in batch["traces"] if not t["can_rank_first"]]
+    assert api.api_rank_update(room, batch["batch_id"], order, "api-bot", steps=1)["version"] == 1
+    assert filled_in_update == []  # the update found the pass stored: the client did not wait for it
+
+
 def test_save_load_reset_behind_confirmation(room, tmp_path):
     _, session = generate(room, k=3)
     session = submit(room, session)[-1]["session"]

@@ -6,7 +6,9 @@
     /metrics      the metrics history (of the active workspace, when the app has a
                   database) and the model's state
 
-Generation and updates share the UI's engine queue (one at a time).
+Generation and updates share the UI's engine queue (one at a time). As in the browser, the
+reference pass a batch's update needs runs once /generate has answered, while the client
+reads the traces, so a /rank_update sent later starts training at once.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingC
     suggestion = room.suggest_order(accepted)
     batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate, getattr(last, "generation_id", None),
                                    negatives=below, suggestion=suggestion)
+    # the pass their update will need runs while the client reads them (as it does for the browser)
+    room.runner.prepare_reference_in_background(accepted + below, room.batch(batch_id)["model_key"])
     shown = {t["trace_id"] for t in accepted + below}
     return {
         "batch_id": batch_id, "case_id": case_id, "policy_version": room.version,

@@ -4,6 +4,7 @@ room's one lock for the weights; handlers iterate the events it yields."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import TYPE_CHECKING, Iterator
 
@@ -29,6 +30,7 @@ class Runner:
 
     def __init__(self, room: "ControlRoom"):
         self.room = room
+        self.reference_thread: threading.Thread | None = None  # the last background reference pass
 
     def sample(self, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> Iterator[SamplerEvent]:
         """Rejection-sample verified traces, streaming ``SamplerEvent``s (the last is "done"
@@ -77,6 +79,16 @@ class Runner:
             except RankingError:
                 return 0
             return room.engine.prepare_reference([Trace.from_dict(t) for t in traces])
+
+    def prepare_reference_in_background(self, traces: list[dict], model_key: str) -> threading.Thread:
+        """``prepare_reference`` on a thread of its own, for a caller that returns the traces
+        before it runs (the API's /generate: the pass runs while its client reads them, as it
+        does for the browser's cards). Returns the started thread."""
+        thread = threading.Thread(target=self.prepare_reference, args=(traces, model_key), daemon=True,
+                                  name="reference-pass")
+        thread.start()
+        self.reference_thread = thread
+        return thread
 
     # --------------------------------------------------------------- updates
     def update(

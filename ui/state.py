@@ -312,6 +312,9 @@ class ControlRoom:
         """On a clean shutdown: checkpoint updates no checkpoint holds yet (so the next
         start loads them instead of replaying), then close the database (a temporary
         one is deleted)."""
+        pending = self.runner.reference_thread
+        if pending is not None:  # an API batch's reference pass: let it store what it computes
+            pending.join()
         with self.lock:
             path = self.engine.checkpoints.save_pending() if self.persistent else None
             self.store.close()
