@@ -16,11 +16,15 @@ from pathlib import Path
 import transformers
 
 from . import generate, roundtrip, update
-from .common import machine, write_readme_block
+from .common import adapter_label, machine, write_readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- BEGIN bench results -->", "<!-- END bench results -->"
 PARTS = {"generate": generate, "update": update, "roundtrip": roundtrip}
+
+
+def _mode(row: dict) -> str:
+    return row["mode"] if row["mode"] != "lora" else adapter_label("lora", row.get("adapted_layers"))
 
 
 def table(gen: dict, upd: list[dict], rt: list[dict]) -> str:
@@ -48,7 +52,7 @@ def table(gen: dict, upd: list[dict], rt: list[dict]) -> str:
     for u in upd:
         same = abs(u["loss_ours"] - u["loss_trl"]) < 1e-4 and abs(u["logps_chosen_ours"] - u["logps_chosen_trl"]) < 1e-2
         rows.append(
-            f"| DPO update, K=4 (6 pairs), {u['mode']} | {u['ours_update_s']:.2f} s | {u['trl_step_s']:.2f} s "
+            f"| DPO update, K=4 (6 pairs), {_mode(u)} | {u['ours_update_s']:.2f} s | {u['trl_step_s']:.2f} s "
             f"(TRL `DPOTrainer` step) | {u['speedup']:.1f}x | first-step loss {u['loss_ours']:.4f} vs "
             f"{u['loss_trl']:.4f}, logps/chosen {'equal' if same else 'DIFFER'} |"
         )
@@ -65,7 +69,7 @@ def table(gen: dict, upd: list[dict], rt: list[dict]) -> str:
             )
     for r in rt:
         rows.append(
-            f"| round trip (ranking submitted -> metrics), {r['mode']}, {r['steps']} steps, "
+            f"| round trip (ranking submitted -> metrics), {_mode(r)}, {r['steps']} steps, "
             f"checkpointing {'on' if r.get('checkpointed') else 'off'} | {r['roundtrip_s']:.2f} s "
             f"| target < 10 s | | peak RSS during the update {r['peak_rss_gb']:.2f} GiB |"
         )
@@ -86,7 +90,8 @@ def main(argv=None) -> None:
         stored = json.loads((ROOT / "bench" / "results.json").read_text())
         for row in stored["update"]:  # FLOPs from the stored counts, as ``bench.update`` counts them today
             row["update_gflop"] = update.step_gflop(row["layer_params"], row["head_params"], row["prompt_tokens"],
-                                                    row["completion_tokens"], row["mode"] == "lora", checkpointed=False)
+                                                    row["completion_tokens"], row["mode"] == "lora", checkpointed=False,
+                                                    adapted=row.get("adapted_layers", 1.0))
             row["roofline_fraction"] = row["update_gflop"] / row["ours_update_s"] / row["gemm_peak_gflops"]
         (ROOT / "bench" / "results.json").write_text(json.dumps(stored, indent=2))
         write_readme_block(table(stored["generate"], stored["update"], stored["roundtrip"]), BEGIN, END)

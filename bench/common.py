@@ -111,3 +111,14 @@ def republish(json_out: str, render, begin: str, end: str) -> dict:
 def load_json(path: str):
     with open(path) as fh:
         return json.load(fh)
+
+
+def adapter_label(mode: str, adapted_layers: float | None) -> str:
+    """How a run trained: "full fine-tuning", or LoRA and on which layers (results stored
+    before ``adapted_layers`` was recorded had adapters on every layer)."""
+    if mode not in ("lora", "LoRA"):
+        return "full fine-tuning"
+    share = adapted_layers or 1.0
+    if share >= 1.0:
+        return "LoRA on every layer"
+    return "LoRA on the top half of the layers" if share == 0.5 else f"LoRA on the top {share:.0%} of the layers"

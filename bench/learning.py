@@ -33,7 +33,7 @@ from rlhf_core.evaluate import heldout_comparison, split_cases
 from rlhf_core.simulate import SimulationSettings, run_simulation
 from rlhf_core.training.update import default_lr
 
-from .common import load_json, machine, republish, save_json, write_readme_block
+from .common import adapter_label, load_json, machine, republish, save_json, write_readme_block
 
 
 def _paired(before: list[float], after: list[float]) -> dict:
@@ -108,13 +108,18 @@ def replicate_lines(result: dict, replicates: list[dict]) -> list[str]:
     return ["", *lines] if lines else []
 
 
+def mode_label(result: dict) -> str:
+    """How a stored run trained (``common.adapter_label``)."""
+    return adapter_label(result["mode"], result.get("adapted_layers"))
+
+
 def readme_block(result: dict, png: str | None, replicates: list[dict] | None = None) -> str:
     """README's summary of a run, from its stored result, with any ``replicate_lines``."""
     s = result["settings"]
     # runs before these were recorded: probe 3 + 3, optimisation not stored
     o, probe = result.get("optimisation"), result.get("probe", {"taught": 3, "heldout": 3})
     step = f", {o['steps']} optimisation step{'s' if o['steps'] > 1 else ''} at lr {o['lr']:g}" if o else ""
-    lines = [f"Model `{result['model']}` ({'LoRA, the CPU default' if result['mode'] == 'lora' else 'full fine-tuning'}), {result['machine']}: {result['updates']} scripted "
+    lines = [f"Model `{result['model']}` ({mode_label(result)}{', the CPU default' if result['mode'] == 'lora' else ''}), {result['machine']}: {result['updates']} scripted "
              f"{s['algorithm'].upper()} updates on the training split ({s['traces']} traces ranked each{step}, below-the-line "
              f"negatives on), {result['seconds'] / 60:.0f} min; median update {result['update_seconds_median']:.1f} s, "
              f"probe scoring ({probe['taught']} + {probe['heldout']} cases) {result['probe_seconds_median']:.1f} s.", "",
@@ -189,6 +194,7 @@ def main(argv=None) -> dict:
     after_heldout = [belief(engine.lm, c)["p_correct"] for c in heldout]
     result = {
         "machine": machine(), "model": args.model, "mode": engine.mode, "settings": asdict(settings),
+        "adapted_layers": engine.lm.lora.adapted_layers if engine.lm.lora is not None else None,
         "probe": {"taught": args.probe_taught, "heldout": args.probe_heldout},
         "optimisation": {"steps": args.steps, "lr": args.lr or default_lr(engine.lm)},
         "seconds": seconds, "updates": len(results), "final_version": engine.version,

@@ -57,6 +57,7 @@ def measure(model: str, mode: str, repeats: int, tokens: int, checkpointed: bool
         peaks.append(_vm("VmHWM"))
     return {
         "benchmark": "roundtrip", "mode": mode, "checkpointed": checkpointed, "model": model, "machine": machine(),
+        "adapted_layers": engine.lm.lora.adapted_layers if engine.lm.lora is not None else None,
         "completion_tokens": [len(t.completion_ids) for t in traces], "steps": metrics["steps"],
         "roundtrip_s": median(times), "peak_rss_gb": max(peaks), "rss_before_update_gb": median(baseline),
     }

@@ -30,9 +30,9 @@ from rlhf_core.rollout.generation import SamplingConfig, sample_traces
 from rlhf_core.rollout.teacher import score_completions
 
 from rlhf_core.rollout.records import Trace
-from rlhf_core.model.models import load_model
+from rlhf_core.model.models import LoraSettings, load_model
 from rlhf_core.rollout.prompts import build_messages
-from rlhf_core.training.update import FULL_LR, LORA_LR, DPOConfig, PolicyTrainer
+from rlhf_core.training.update import FULL_LR, DPOConfig, PolicyTrainer, lora_lr
 
 from .common import BENCH_CASE, machine, median, save_json
 
@@ -106,19 +106,22 @@ def parameter_counts(lm) -> tuple[int, int]:
 
 
 def step_gflop(layers: int, head: int, prompt_len: int, completion_lens: list[int], lora: bool,
-               checkpointed: bool) -> float:
+               checkpointed: bool, adapted: float = 1.0) -> float:
     """Approximate float32 FLOPs of one ``PolicyTrainer.update`` step plus its KL pass, in
     GFLOP, for ``layers`` decoder-layer and ``head`` LM-head parameters: 2 per parameter
     per token forward (decoder layers at every position, the LM head at completion
     positions), backward 2x the forward for full fine-tuning (weight and input gradients),
-    1x with LoRA (input gradients; the adapters' own are negligible), one more forward with
-    activation checkpointing (layers and LM head recomputed in backward), and the
-    post-update KL pass (one forward)."""
+    1x with LoRA (input gradients; the adapters' own are negligible) through the ``adapted``
+    share of the layers and the head (none reaches the frozen layers under the lowest
+    adapter), one more forward of those with activation checkpointing (recomputed in
+    backward), and the post-update KL pass (one forward of them: the frozen layers' output
+    is replayed, ``frozen_prefix.py``)."""
     tokens, completion = prompt_len + sum(completion_lens), sum(completion_lens)
     forward = 2 * (layers * tokens + head * completion)
-    backward = (1 if lora else 2) * forward
-    step = forward + backward + (forward if checkpointed else 0)
-    return (step + forward) / 1e9
+    trained = forward if not lora else 2 * (adapted * layers * tokens + head * completion)
+    backward = trained * (1 if lora else 2)
+    step = forward + backward + (trained if checkpointed else 0)
+    return (step + trained) / 1e9
 
 
 def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: float, precompute: bool = False):
@@ -149,9 +152,9 @@ def run_trl(model_name: str, lora: bool, prompt_text, texts, repeats: int, lr: f
         peft_config = None
         ref_model = lm._reference
         if lora:
-            from rlhf_core.model.models import LoraSettings, _peft_config
+            from rlhf_core.model.lora import peft_config as lora_peft_config
 
-            peft_config, ref_model = _peft_config(LoraSettings()), None
+            peft_config, ref_model = lora_peft_config(LoraSettings(), lm.model), None
         timer = StepTimer()
         with tempfile.TemporaryDirectory() as out:
             args = TRLConfig(
@@ -187,15 +190,16 @@ def main(argv=None) -> list[dict]:
     results = []
     for mode in (["full", "lora"] if args.mode == "both" else [args.mode]):
         lora = mode == "lora"
-        lr = LORA_LR if lora else FULL_LR
+        lr = lora_lr(LoraSettings()) if lora else FULL_LR
         # like TRL's default, no activation checkpointing; the checkpointed (low-memory) run is reported beside it
         ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=False)
         ours_ck_t, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)
         trl_t, trl_m = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr)
         trl_pre_t, _ = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr, precompute=True)
         layer_params, head_params = parameter_counts(lm)
+        adapted = LoraSettings().adapted_layers if lora else 1.0
         gflop = step_gflop(layer_params, head_params, len(prompt_ids), [len(c) for c in completions], lora,
-                           checkpointed=False)
+                           checkpointed=False, adapted=adapted)
         row = {
             "benchmark": "update", "mode": mode, "model": args.model, "machine": machine(),
             "pairs": math.comb(args.k, 2), "prompt_tokens": len(prompt_ids),
@@ -204,7 +208,7 @@ def main(argv=None) -> list[dict]:
             "speedup": median(trl_t) / median(ours_t),
             "ours_checkpointed_update_s": median(ours_ck_t), "speedup_checkpointed": median(trl_t) / median(ours_ck_t),
             "trl_precomputed_step_s": median(trl_pre_t), "speedup_vs_precomputed": median(trl_pre_t) / median(ours_t),
-            "update_gflop": gflop, "gemm_peak_gflops": peak, "layer_params": layer_params, "head_params": head_params,
+            "adapted_layers": adapted, "update_gflop": gflop, "gemm_peak_gflops": peak, "layer_params": layer_params, "head_params": head_params,
             "roofline_fraction": gflop / median(ours_t) / peak,
             "loss_ours": ours_m["loss"], "loss_trl": trl_m.get("loss"),
             "logps_chosen_ours": ours_m["logps/chosen"], "logps_chosen_trl": trl_m.get("logps/chosen"),

@@ -29,7 +29,7 @@ from rlhf_core.rollout.sampler import RejectionConfig
 from rlhf_core.simulate import scripted_ranking
 from rlhf_core.training.update import DPOConfig
 
-from .common import machine, publish, republish
+from .common import adapter_label, machine, publish, republish
 
 BEGIN, END = "<!-- BEGIN update wait -->", "<!-- END update wait -->"
 
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
                      "probe_s": metrics.get("probe/seconds") or 0.0})
         print(rows[-1], flush=True)
     later = rows[1:]
-    result = {"machine": machine(), "model": args.model, "mode": "LoRA" if engine.lm.lora else "full fine-tuning",
+    result = {"machine": machine(), "model": args.model, "mode": adapter_label(engine.mode, engine.lm.lora and engine.lm.lora.adapted_layers),
               "settings": f"DPO {DPOConfig().steps} steps, up to {RejectionConfig().k} ranked + "
                           f"{RejectionConfig().negatives} below the line, probe 2 + 2",
               "n_per_arm": min(sum(r["prepare_s"] is None for r in later), sum(r["prepare_s"] is not None for r in later)),

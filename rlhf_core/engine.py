@@ -26,7 +26,8 @@ from .training.checkpoint import load_into, read_manifest, save_checkpoint
 from .rollout.generation import SamplingConfig, sample_stream
 from .rollout.teacher import fill_reference, lacks_reference
 from .rollout.records import Trace
-from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model
+from .model.frozen_prefix import frozen_prefix
+from .model.models import DEFAULT_MODEL, LoadedModel, LoraSettings, load_model, lora_from_dict
 from .rollout.sampler import RejectionConfig, SamplerEvent, SamplerResult, sample_verified_stream
 from .storage.store import DEFAULT_WORKSPACE, Store, check_workspace_name
 from .training.update import DPOConfig, GRPOConfig, PolicyTrainer
@@ -116,6 +117,7 @@ class Engine:
     def describe(self) -> dict:
         """The model, its mode, device, dtype, version and size; the workspace and database."""
         lm = self.lm
+        layers = lm.model.config.num_hidden_layers
         return {
             "model": lm.name,
             "mode": self.mode,
@@ -123,6 +125,8 @@ class Engine:
             "dtype": str(lm.dtype).replace("torch.", ""),
             "version": self.version,
             "trainable_parameters": sum(p.numel() for p in lm.trainable_parameters),
+            # decoder layers the update trains, of all of them (LoRA's default: the top half)
+            "trained_layers": [layers - len(frozen_prefix(lm.model)), layers],
             "workspace": self.workspace,
             "db": str(self.store.path),
             "temporary_db": self.store.is_temporary,
@@ -335,4 +339,4 @@ def _config_dict(config: DPOConfig | GRPOConfig) -> dict:
 def lora_from_checkpoint(directory: str | os.PathLike) -> LoraSettings | None:
     """The LoRA settings a checkpoint was trained with (None: full fine-tuning)."""
     manifest = read_manifest(directory)
-    return LoraSettings(**manifest["lora"]) if manifest["lora"] is not None else None
+    return lora_from_dict(manifest["lora"])

@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import ui_scenario as sc
 from ui import batch as batch_module, case_panel, charts, data_tab, eval_tab, generate_tab, metrics_panel, model_tab, rank_tab
@@ -297,6 +298,7 @@ def test_switch_model_discards_only_after_confirmation(room):
     outs = list(model_tab.confirm(room, asked["session"], False, ""))
     assert room.describe()["mode"] == "lora" and outs[-1]["session"]["batch"] is None
     assert outs[-1]["lr"] == pytest.approx(1e-4)
+    assert "LoRA adapter on every layer" in outs[-1]["model_info"]
     # "default" holds a full fine-tuned policy: the LoRA model gets a workspace of its own
     assert room.workspace == "tiny-random-lora" and room.version == 0 and room.metrics("update") == []
     assert "workspace tiny-random-lora" in outs[-1]["model_status"]
@@ -550,6 +552,26 @@ def test_lora_by_default_keeps_a_workspace_trained_with_full_fine_tuning(tmp_pat
     fresh = make_room(tmp_path, db="other.sqlite")
     assert fresh.describe()["mode"] == "lora" and fresh.workspace == "default"
     fresh.close()
+
+
+def test_a_workspace_keeps_the_adapter_shape_it_was_trained_with(tmp_path):
+    """A workspace trained with an adapter on the top half of the layers reopens with that
+    adapter (from its checkpoint) and its policy, though the default covers every layer."""
+    from rlhf_core.model.models import LoraSettings
+
+    old = make_room(tmp_path, lora=LoraSettings(adapted_layers=0.5), checkpoint_every=1)
+    _, session = generate(old, k=3)
+    submit(old, session, steps=1)
+    trained = {n: p.detach().clone() for n, p in old.engine.lm.model.named_parameters() if p.requires_grad}
+    assert "LoRA adapter on the top 1 of 2 layers" in model_tab.model_info_html(old)
+    old.close()
+    reopened = make_room(tmp_path)
+    assert reopened.engine.lm.lora.adapted_layers == 0.5 and reopened.version == 1
+    assert reopened.engine.resume_info["replayed"] == 0  # loaded from its checkpoint, not retrained
+    now = {n: p for n, p in reopened.engine.lm.model.named_parameters() if p.requires_grad}
+    assert now.keys() == trained.keys() and all(torch.equal(now[n], w) for n, w in trained.items())
+    reopened.close()
+    assert make_room(tmp_path, db="other.sqlite", lora=True).engine.lm.lora.adapted_layers == 1.0  # the default
 
 
 def test_lora_setting_from_the_environment(monkeypatch):

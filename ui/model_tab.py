@@ -153,7 +153,7 @@ def build_model_tab(room, ui: dict) -> None:
                                              info="a registry name, a local folder or a hub id")
             ui["model_lora"] = gr.Checkbox(room.describe()["mode"] == "lora", label="LoRA adapter (otherwise full fine-tuning)",
                                            info="the default on CPU for models of 100M+ parameters; "
-                                           "a workspace keeps the mode it was trained in",
+                                           "a workspace keeps the mode and adapter it was trained with",
                                            elem_id="model-lora")
             ui["switch_model"] = gr.Button("Switch model", elem_id="switch-model")
         with gr.Column(variant="panel"):

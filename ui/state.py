@@ -26,10 +26,10 @@ from pathlib import Path
 
 from rlhf_core.belief import ProbeSet, belief
 from rlhf_core.clinical.cases import Case
-from rlhf_core.engine import Engine
+from rlhf_core.engine import Engine, lora_from_checkpoint
 from rlhf_core.evaluate import split_cases
 from rlhf_core.library import CaseLibrary
-from rlhf_core.model.models import DEFAULT_MODEL, resolve_spec
+from rlhf_core.model.models import DEFAULT_MODEL, LoraSettings, resolve_spec
 from rlhf_core.storage.store import DEFAULT_WORKSPACE, Store
 from rlhf_core.reward.suggest import RankingAdvisor
 from rlhf_core.training.update import default_lr
@@ -172,13 +172,22 @@ class ControlRoom:
         engine.attach_store(store, preferred=preferred, resume=resume)
         return engine
 
-    def _trained_mode(self, ws: dict | None, model: str) -> bool | str:
-        """True/False when workspace ``ws`` already holds training of ``model`` (a database
-        from before LoRA became the CPU default keeps its full fine-tuning), else "auto"."""
+    def _trained_mode(self, ws: dict | None, model: str) -> LoraSettings | bool | str:
+        """How workspace ``ws`` trained ``model`` when it holds training of it: False for full
+        fine-tuning (a database from before LoRA became the CPU default keeps it), for LoRA
+        its latest checkpoint's adapter (one on every layer from before the top half became
+        the default keeps that shape) or True; else "auto"."""
         if ws is None or ws["model"] != resolve_spec(model).name or ws["mode"] not in ("lora", "full"):
             return "auto"
-        trained = self.store.latest_checkpoint(ws["name"]) is not None or self.store.updates(ws["name"])
-        return ws["mode"] == "lora" if trained else "auto"
+        latest = self.store.latest_checkpoint(ws["name"])
+        if latest is None and not self.store.updates(ws["name"]):
+            return "auto"
+        if ws["mode"] != "lora":
+            return False
+        try:
+            return (latest and latest["path"] and lora_from_checkpoint(latest["path"])) or True
+        except (OSError, ValueError, KeyError, TypeError):  # an unreadable manifest: open() falls back past it
+            return True
 
     # ----------------------------------------------------------------- state
     @property

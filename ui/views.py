@@ -204,6 +204,9 @@ def header_html(info: dict) -> str:
 def model_info(d: dict) -> str:
     """The model panel's summary of the loaded policy (``ControlRoom.describe()``)."""
     mode = "LoRA adapter" if d["mode"] == "lora" else "full fine-tuning"
+    trained, layers = d.get("trained_layers") or (None, None)
+    if d["mode"] == "lora" and trained is not None:
+        mode += f" on the top {trained} of {layers} layers" if trained < layers else " on every layer"
     if d.get("persistent"):
         where = (f'<div>workspace <b>{esc(d.get("workspace"))}</b> · {d["rankings"]} rankings stored · '
                  f'{d["unsaved_updates"]} update(s) since the last checkpoint (replayed on restart) · '

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from .lora import LoraSettings, lora_from_dict, peft_config  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -59,24 +61,6 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(TINY_MODEL, None, "tiny randomly initialised Llama built in code (tests; no download)"),
     )
 }
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter shape (peft)."""
-
-    r: int = 16  # adapter rank
-    alpha: int = 32  # scaling numerator: the update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the adapter input; 0 keeps log-probs deterministic
-    target_modules: str | list[str] = "all-linear"  # which linear layers get adapters
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -327,7 +311,7 @@ class LoadedModel:
             from peft import get_peft_model
 
             base = self.model.unload()  # drops adapter modules, base weights untouched
-            self.model = get_peft_model(base, _peft_config(self.lora))
+            self.model = get_peft_model(base, peft_config(self.lora, base))
         else:
             with self.reference() as reference:
                 self.model.load_state_dict(reference.state_dict())
@@ -345,18 +329,6 @@ def lora_by_default(n_parameters: int, device_type: str) -> bool:
     """Whether ``lora="auto"`` trains an adapter: on CPU, for models of at least
     ``LORA_BY_DEFAULT_FROM`` parameters; on a GPU full fine-tuning is affordable."""
     return device_type == "cpu" and n_parameters >= LORA_BY_DEFAULT_FROM
-
-
-def _peft_config(lora: LoraSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
 
 
 def load_model(
@@ -393,7 +365,7 @@ def load_model(
 
         for p in model.parameters():
             p.requires_grad_(False)
-        model = get_peft_model(model, _peft_config(lora_settings))
+        model = get_peft_model(model, peft_config(lora_settings, model))
     else:
         reference = copy.deepcopy(model)
         for p in reference.parameters():

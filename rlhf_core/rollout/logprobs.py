@@ -156,7 +156,8 @@ def checkpointed_layers(decoder: torch.nn.Module) -> Iterator[None]:
     are stored in the model's cache as usual; in the completion pass it reads
     the prompt's (repeated) keys/values from that cache.
     """
-    layers = list(getattr(decoder, "layers", []))
+    # a layer replayed from the frozen prefix (model/frozen_prefix.py) has nothing to recompute
+    layers = [layer for layer in getattr(decoder, "layers", []) if "forward" not in vars(layer)]
     for layer in layers:
         layer.forward = _checkpointed_forward(layer, layer.forward)
     try:

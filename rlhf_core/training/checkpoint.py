@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.models import LoadedModel, LoraSettings, load_model
+from ..model.models import LoadedModel, load_model, lora_from_dict
 from .update import PolicyTrainer
 
 MANIFEST = "manifest.json"
@@ -97,6 +97,9 @@ def load_into(trainer: PolicyTrainer, directory: str | os.PathLike) -> dict:
     if (manifest["lora"] is None) != (lm.lora is None):
         mode = "LoRA" if manifest["lora"] is not None else "full fine-tuning"
         raise CheckpointError(f"checkpoint was trained with {mode}; load the model in that mode first")
+    if lm.lora is not None and lora_from_dict(manifest["lora"]) != lm.lora:
+        raise CheckpointError(f"checkpoint's adapter is {lora_from_dict(manifest['lora'])}, the loaded model's "
+                              f"is {lm.lora}; load the model with the checkpoint's settings first")
     if lm.lora is not None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -124,7 +127,7 @@ def load_into(trainer: PolicyTrainer, directory: str | os.PathLike) -> dict:
 def load_checkpoint(directory: str | os.PathLike, device: str | None = None) -> PolicyTrainer:
     """Load the base model named in a checkpoint, then the checkpoint into it."""
     manifest = read_manifest(directory)
-    lora = LoraSettings(**manifest["lora"]) if manifest["lora"] is not None else None
+    lora = lora_from_dict(manifest["lora"])
     lm: LoadedModel = load_model(manifest["base_model"], device=device, dtype=manifest["dtype"], lora=lora)
     trainer = PolicyTrainer(lm)
     load_into(trainer, directory)

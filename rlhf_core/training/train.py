@@ -244,7 +244,7 @@ def train(args: argparse.Namespace) -> dict:
     from .checkpoint import load_into, read_manifest, save_checkpoint
     from ..model.cpu_linear import onednn_linear
     from .losses import dpo_loss
-    from ..model.models import DEFAULT_MODEL, LoraSettings, load_model
+    from ..model.models import DEFAULT_MODEL, LoraSettings, load_model, lora_from_dict
     from .update import PolicyTrainer, default_lr
 
     _check_args(args)
@@ -266,7 +266,7 @@ def train(args: argparse.Namespace) -> dict:
         if model_name and model_name != manifest["base_model"]:
             raise ValueError(f"--init-checkpoint is for {manifest['base_model']!r}, not {model_name!r}")
         model_name = manifest["base_model"]
-        lora = LoraSettings(**manifest["lora"]) if manifest["lora"] is not None else None
+        lora = lora_from_dict(manifest["lora"])
     model_name = model_name or DEFAULT_MODEL
     if args.db:
         _check_workspace(args.db, args.workspace, model_name, "lora" if lora is not None else "full")

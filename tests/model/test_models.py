@@ -76,6 +76,30 @@ def test_lora_reference_is_the_same_module_with_adapter_disabled():
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_lora_on_the_top_layers_only_adapts_them_and_trains_them_alone():
+    from rlhf_core.model.models import LoraSettings, lora_from_dict
+    from rlhf_core.rollout.logprobs import collate, completion_logps
+
+    lm = load_model("tiny-random", device="cpu", lora=LoraSettings(adapted_layers=0.5))  # 2 decoder layers
+    adapted = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert adapted and all(".layers.1." in n for n in adapted)
+    batch = collate([1, 2, 3], [[4, 5], [6, 7]], lm.tokenizer.pad_token_id, lm.device)
+    completion_logps(lm.model, batch).sum().backward()
+    grads = {n: p.grad for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # A's is 0 while B starts at 0
+    lm.reset_to_reference()
+    assert {n for n, p in lm.model.named_parameters() if p.requires_grad} == adapted
+    tiny_share = load_model("tiny-random", device="cpu", lora=LoraSettings(adapted_layers=0.1))
+    assert {n for n, p in tiny_share.model.named_parameters() if p.requires_grad} == adapted  # at least one layer
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="share of decoder layers"):
+            LoraSettings(adapted_layers=bad)
+    # a manifest written before the setting existed had adapters on every layer
+    assert lora_from_dict({"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}).adapted_layers == 1.0
+    assert lora_from_dict(None) is None
+
+
 def test_lora_by_default_only_for_large_models_on_cpu():
     from rlhf_core.model.models import LORA_BY_DEFAULT_FROM, lora_by_default
 

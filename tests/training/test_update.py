@@ -244,11 +244,17 @@ def test_config_validation():
         DPOConfig(lr=-1.0)
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [False, True, "top half"])
 def test_layer_checkpointing_recomputes_each_layer_and_changes_no_number(lora, case):
     """Checkpointed and plain updates must give bit-identical losses and weights;
-    the checkpointed one must really run every decoder layer again in backward."""
-    from rlhf_core.model.models import load_model
+    the checkpointed one must really run every trained decoder layer again in backward
+    (an adapter on the top half leaves the bottom half frozen: run once per update, never recomputed)."""
+    from rlhf_core.model.frozen_prefix import frozen_prefix
+    from rlhf_core.model.models import LoraSettings, load_model
+
+    top_half = lora == "top half"
+    if top_half:
+        lora = LoraSettings(adapted_layers=0.5)
 
     results = {}
     for checkpointed in (False, True):
@@ -272,11 +278,14 @@ def test_layer_checkpointing_recomputes_each_layer_and_changes_no_number(lora, c
     assert [s["loss"] for s in ck_steps] == [s["loss"] for s in plain_steps]
     assert [s["grad_norm"] for s in ck_steps] == [s["grad_norm"] for s in plain_steps]
     assert all(torch.equal(ck_weights[n], w) for n, w in plain_weights.items())
-    n_layers = len(decoder.layers)
-    # plain: 2 steps + the KL pass, each a prompt pass and a completion pass through every layer
-    assert plain_calls == 3 * 2 * n_layers
-    # checkpointed: the 2 training passes run every layer once more in backward
-    assert ck_calls == plain_calls + 2 * 2 * n_layers
+    frozen = len(frozen_prefix(lm.model))
+    trained_layers = len(decoder.layers) - frozen
+    assert frozen == (1 if top_half else 0)  # tiny-random has 2 layers
+    # plain: 2 steps + the KL pass, each a prompt pass and a completion pass through every
+    # trained layer; the frozen ones run one prompt pass and one completion pass in all
+    assert plain_calls == 3 * 2 * trained_layers + 2 * frozen
+    # checkpointed: the 2 training passes run every trained layer once more in backward
+    assert ck_calls == plain_calls + 2 * 2 * trained_layers
 
 
 def test_activation_checkpointing_defaults_to_on_only_when_cpu_memory_is_short(monkeypatch, tiny_lm, traces):
