@@ -125,7 +125,7 @@ class Engine:
             "dtype": str(lm.dtype).replace("torch.", ""),
             "version": self.version,
             "trainable_parameters": sum(p.numel() for p in lm.trainable_parameters),
-            # decoder layers the update trains, of all of them (LoRA's default: the top half)
+            # decoder layers the update trains, of all of them (fewer with an adapter on the top layers only)
             "trained_layers": [layers - len(frozen_prefix(lm.model)), layers],
             "workspace": self.workspace,
             "db": str(self.store.path),

@@ -175,8 +175,8 @@ class ControlRoom:
     def _trained_mode(self, ws: dict | None, model: str) -> LoraSettings | bool | str:
         """How workspace ``ws`` trained ``model`` when it holds training of it: False for full
         fine-tuning (a database from before LoRA became the CPU default keeps it), for LoRA
-        its latest checkpoint's adapter (one on every layer from before the top half became
-        the default keeps that shape) or True; else "auto"."""
+        its latest checkpoint's adapter (one on the top layers only keeps that shape, though
+        the default covers every layer) or True; else "auto"."""
         if ws is None or ws["model"] != resolve_spec(model).name or ws["mode"] not in ("lora", "full"):
             return "auto"
         latest = self.store.latest_checkpoint(ws["name"])

@@ -97,8 +97,9 @@ def load_into(trainer: PolicyTrainer, directory: str | os.PathLike) -> dict:
     if (manifest["lora"] is None) != (lm.lora is None):
         mode = "LoRA" if manifest["lora"] is not None else "full fine-tuning"
         raise CheckpointError(f"checkpoint was trained with {mode}; load the model in that mode first")
-    if lm.lora is not None and lora_from_dict(manifest["lora"]) != lm.lora:
-        raise CheckpointError(f"checkpoint's adapter is {lora_from_dict(manifest['lora'])}, the loaded model's "
+    saved_lora = lora_from_dict(manifest["lora"])
+    if lm.lora is not None and saved_lora != lm.lora:
+        raise CheckpointError(f"checkpoint's adapter is {saved_lora}, the loaded model's "
                               f"is {lm.lora}; load the model with the checkpoint's settings first")
     if lm.lora is not None:
         from peft import set_peft_model_state_dict
