@@ -38,16 +38,18 @@ def _reset_peak() -> None:
 def measure(model: str, mode: str, repeats: int, tokens: int, checkpointed: bool) -> dict:
     from rlhf_core.engine import Engine
     from rlhf_core.rollout.generation import SamplingConfig, sample_traces
+    from rlhf_core.training.prepared import prepare_in_turns
     from rlhf_core.training.update import DPOConfig
 
     from .common import BENCH_CASE, machine, median
 
     engine = Engine(model, lora=mode == "lora", device="cpu")
     traces = sample_traces(engine.lm, BENCH_CASE, SamplingConfig(k=4, max_new_tokens=tokens, seed=0), ignore_eos=True)
-    times, peaks, baseline = [], [], []
+    times, peaks, baseline, prepared_times, prepare_times = [], [], [], [], []
     for _ in range(repeats):
         import gc
 
+        engine.reset_weights()  # every update starts from the reference (none is rolled back)
         gc.collect()
         baseline.append(_vm("VmRSS"))
         _reset_peak()
@@ -55,11 +57,21 @@ def measure(model: str, mode: str, repeats: int, tokens: int, checkpointed: bool
         metrics = engine.update(traces, [0, 1, 2, 3], DPOConfig(checkpoint_activations=checkpointed))
         times.append(time.perf_counter() - start)
         peaks.append(_vm("VmHWM"))
+        # the same update with its first step prepared while the clinician reads (adapters only)
+        engine.reset_weights()
+        start = time.perf_counter()
+        if prepare_in_turns(engine.trainer, engine.lock, traces) == len(traces):
+            prepare_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine.update(traces, [0, 1, 2, 3], DPOConfig(checkpoint_activations=checkpointed))
+            prepared_times.append(time.perf_counter() - start)
     return {
         "benchmark": "roundtrip", "mode": mode, "checkpointed": checkpointed, "model": model, "machine": machine(),
         "adapted_layers": engine.lm.lora.adapted_layers if engine.lm.lora is not None else None,
         "completion_tokens": [len(t.completion_ids) for t in traces], "steps": metrics["steps"],
         "roundtrip_s": median(times), "peak_rss_gb": max(peaks), "rss_before_update_gb": median(baseline),
+        "roundtrip_prepared_s": median(prepared_times) if prepared_times else None,
+        "prepare_s": median(prepare_times) if prepare_times else None,
     }
 
 

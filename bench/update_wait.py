@@ -1,17 +1,18 @@
-"""How long a clinician waits after *Submit*, at the app's defaults, with and without the
-reference pass prepared while they read (``Engine.prepare_reference``).
+"""How long a clinician waits after *Submit*, at the app's defaults, with nothing prepared,
+with the reference pass prepared while they read (``Engine.prepare_reference``), and with
+the first DPO step's gradients prepared too (``prepared.prepare_in_turns``).
 
-    python -m bench.update_wait [--model smollm2-135m] [--cases 7] [--json-out F] [--no-run]
+    python -m bench.update_wait [--model smollm2-135m] [--cases 10] [--json-out F] [--no-run]
 
 Rewrites README's block between the "update wait" markers.
 
 Per training-split case: rejection-sample a batch as the control room does (the app's
 ``SamplingConfig`` without reward features, ``RejectionConfig``: K = 4 rankable and up to
 4 below the line), then time ``Engine.update`` with the default DPO config and the app's
-probe (2 taught + 2 held-out cases) on the scripted ranking. Cases alternate: odd ones get
-their reference pass prepared first (timed apart: it runs while the clinician reads), even
-ones pay for it inside the update, as before this lever. The first update (at version 0,
-where sampling's pass gives the reference log-probs for free) is left out of the medians.
+probe (2 taught + 2 held-out cases) on the scripted ranking. Cases take the three arms in
+turn; what an arm prepares is timed apart (it runs while the clinician reads). The first
+update (at version 0, where sampling's pass gives the reference log-probs for free) is left
+out of the medians.
 """
 from __future__ import annotations
 
@@ -27,20 +28,23 @@ from rlhf_core.rollout.generation import SamplingConfig
 from rlhf_core.rollout.records import Trace
 from rlhf_core.rollout.sampler import RejectionConfig
 from rlhf_core.simulate import scripted_ranking
+from rlhf_core.training.prepared import prepare_in_turns
 from rlhf_core.training.update import DPOConfig
 
 from .common import adapter_label, machine, publish, republish
 
 BEGIN, END = "<!-- BEGIN update wait -->", "<!-- END update wait -->"
+ARMS = {"at_submit": "nothing", "prepared": "the reference pass",
+        "first_step": "the reference pass and the first step's gradients (now)"}
 
 
 def readme_block(result: dict) -> str:
     lines = [f"Clinician's wait after *Submit*: model `{result['model']}` ({result['mode']}), {result['machine']}; "
              f"{result['settings']}; medians over {result['n_per_arm']} updates per arm (after version 0).", "",
-             "| reference pass | wait (update returns) | of which training | probe | other (reference pass, storage) "
-             "| prepared while reading |",
+             "| prepared while the clinician reads | wait (update returns) | of which training | probe "
+             "| other (reference pass, storage) | time preparing |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for arm, name in (("at_submit", "inside the update (before)"), ("prepared", "prepared while reading (now)")):
+    for arm, name in ARMS.items():
         a = result[arm]
         prep = f"{a['prepare_s']:.1f} s" if a.get("prepare_s") is not None else "-"
         lines.append(f"| {name} | {a['wait_s']:.1f} s | {a['trainer_s']:.1f} s | {a['probe_s']:.1f} s "
@@ -59,7 +63,7 @@ def _medians(rows: list[dict]) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cases", type=int, default=7, help="updates in all, the first at version 0 (odd: even arms)")
+    parser.add_argument("--cases", type=int, default=10, help="updates in all, the first at version 0 (3n + 1: even arms)")
     parser.add_argument("--json-out", default="bench/update_wait.json")
     parser.add_argument("--no-run", action="store_true", help="rewrite README's block from --json-out only")
     args = parser.parse_args(argv)
@@ -72,17 +76,21 @@ def main(argv=None) -> dict:
     for i, case in enumerate(train[: args.cases]):
         result = engine.sample_verified(case, SamplingConfig(reward_features=False, seed=i), RejectionConfig())
         shown = [t.to_dict() for t in [*result.accepted, *result.negatives]]  # what the browser holds
-        prepare_s = None
-        if i % 2:
-            started = time.perf_counter()
+        arm = list(ARMS)[i % len(ARMS)]
+        started, prepare_s = time.perf_counter(), None
+        if arm != "at_submit":
             engine.prepare_reference([Trace.from_dict(t) for t in shown])
+        if arm == "first_step":
+            prepare_in_turns(engine.trainer, engine.lock, [Trace.from_dict(t) for t in shown])
+        if arm != "at_submit":
             prepare_s = time.perf_counter() - started
         traces = [Trace.from_dict(t) for t in shown]
         accepted = len(result.accepted)
         order = scripted_ranking(traces[:accepted]) + list(range(accepted, len(traces)))
         started = time.perf_counter()
         metrics = engine.update(traces, order, DPOConfig(), case=case, ranked=accepted if result.negatives else None)
-        rows.append({"case": case.id, "version": metrics["version"], "traces": len(traces), "prepare_s": prepare_s,
+        rows.append({"case": case.id, "arm": arm, "version": metrics["version"], "traces": len(traces),
+                     "prepared_traces": metrics["prepared_traces"], "prepare_s": prepare_s,
                      "wait_s": time.perf_counter() - started, "trainer_s": metrics["seconds"],
                      "probe_s": metrics.get("probe/seconds") or 0.0})
         print(rows[-1], flush=True)
@@ -90,9 +98,8 @@ def main(argv=None) -> dict:
     result = {"machine": machine(), "model": args.model, "mode": adapter_label(engine.mode, engine.lm.lora and engine.lm.lora.adapted_layers),
               "settings": f"DPO {DPOConfig().steps} steps, up to {RejectionConfig().k} ranked + "
                           f"{RejectionConfig().negatives} below the line, probe 2 + 2",
-              "n_per_arm": min(sum(r["prepare_s"] is None for r in later), sum(r["prepare_s"] is not None for r in later)),
-              "at_submit": _medians([r for r in later if r["prepare_s"] is None]),
-              "prepared": _medians([r for r in later if r["prepare_s"] is not None]), "rows": rows}
+              "n_per_arm": min(sum(r["arm"] == arm for r in later) for arm in ARMS),
+              **{arm: _medians([r for r in later if r["arm"] == arm]) for arm in ARMS}, "rows": rows}
     return publish(result, args.json_out, readme_block, BEGIN, END)
 
 

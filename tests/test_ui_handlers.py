@@ -37,7 +37,12 @@ def make_room(tmp_path, db: str | None = "rlhf.sqlite", **kwargs) -> ControlRoom
 
 @pytest.fixture
 def room(tmp_path):
-    return make_room(tmp_path)
+    room = make_room(tmp_path)
+    yield room
+    # a batch's preparation outlives the test otherwise (a daemon thread in torch at exit aborts)
+    room.runner.stop_preparing()
+    if room.runner.reference_thread is not None:
+        room.runner.reference_thread.join()
 
 
 @pytest.fixture
@@ -242,6 +247,24 @@ def test_the_reference_pass_runs_while_the_clinician_reads_and_not_after_a_switc
     asked = model_tab.request_switch(room, session, "tiny-random", True)
     list(model_tab.confirm(room, asked["session"], False, ""))
     assert room.runner.prepare_reference(session["batch"]["traces"], session["batch"]["model_key"]) == 0
+
+
+def test_the_first_steps_gradients_are_prepared_while_the_clinician_reads(tmp_path):
+    room = make_room(tmp_path, lora=True)  # prepared for adapters only
+    _, session = generate(room, k=3)
+    batch = session["batch"]
+    generate_tab.prepare_reference(room, session)
+    room.runner.reference_thread.join(timeout=60)  # outside the engine queue: Submit need not wait for it
+    assert len(room.engine.trainer.prepared) == len(batch["traces"] + batch["negatives"])
+    submit(room, session, steps=1, negatives=True)
+    assert room.metrics("update")[-1]["prepared_traces"] == len(batch["traces"] + batch["negatives"])
+    _, session = generate(room, session, k=3)  # a new batch stops the last one's preparation
+    with room.lock:  # the preparation waits for the lock: the stop comes first
+        room.runner.prepare_in_background(session["batch"]["traces"], session["batch"]["model_key"], reference=False)
+        room.runner.stop_preparing()
+    room.runner.reference_thread.join(timeout=60)
+    assert len(room.engine.trainer.prepared) == 0
+    room.close()
 
 
 def test_the_apis_generate_starts_the_reference_pass_its_update_needs(room, monkeypatch):

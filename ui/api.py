@@ -62,7 +62,7 @@ def api_generate(room, case_id: str, k: int = 4, max_new_tokens: int = SamplingC
     batch_id = room.remember_batch(accepted, case_id, last.report.acceptance_rate, getattr(last, "generation_id", None),
                                    negatives=below, suggestion=suggestion)
     # the pass their update will need runs while the client reads them (as it does for the browser)
-    room.runner.prepare_reference_in_background(accepted + below, room.batch(batch_id)["model_key"])
+    room.runner.prepare_in_background(accepted + below, room.batch(batch_id)["model_key"])
     shown = {t["trace_id"] for t in accepted + below}
     return {
         "batch_id": batch_id, "case_id": case_id, "policy_version": room.version,

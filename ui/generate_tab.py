@@ -87,10 +87,13 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
 
 def prepare_reference(room, session: dict) -> dict:
     """Once the cards are shown: the reference pass their update will need (every trace
-    that can be trained on), run while the clinician reads, so *Submit* starts training at once."""
+    that can be trained on), run while the clinician reads, so *Submit* starts training at
+    once; then, outside the engine queue, the first step's gradients (stopped by *Submit*)."""
     batch = (session or {}).get("batch")
     if batch and not batch.get("submitted"):
-        room.runner.prepare_reference([*batch["traces"], *(batch.get("negatives") or [])], batch["model_key"])
+        shown = [*batch["traces"], *(batch.get("negatives") or [])]
+        room.runner.prepare_reference(shown, batch["model_key"])
+        room.runner.prepare_in_background(shown, batch["model_key"], reference=False)
     return {}
 
 

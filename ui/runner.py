@@ -15,6 +15,7 @@ from rlhf_core.rollout.generation import SamplingConfig
 from rlhf_core.rollout.records import Trace
 from rlhf_core.rollout.sampler import RejectionConfig, SamplerEvent, sample_verified_stream
 from rlhf_core.simulate import SimulationSettings, clinicians_reward_model, play_round
+from rlhf_core.training.prepared import prepare_in_turns
 from rlhf_core.training.update import DPOConfig, GRPOConfig
 
 from .jobs import Cancelled, Event, FinalEvent, stream_from_thread
@@ -30,7 +31,8 @@ class Runner:
 
     def __init__(self, room: "ControlRoom"):
         self.room = room
-        self.reference_thread: threading.Thread | None = None  # the last background reference pass
+        self.reference_thread: threading.Thread | None = None  # the last background preparation
+        self._preparing = 0  # bumped to stop the background preparation of a batch
 
     def sample(self, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> Iterator[SamplerEvent]:
         """Rejection-sample verified traces, streaming ``SamplerEvent``s (the last is "done"
@@ -40,6 +42,7 @@ class Runner:
         pass over every row (~1/3 of a batch's time on SmolLM2), which only the traces that
         can be trained on need (``prepare_reference`` runs it once the cards are shown)."""
         room = self.room
+        self.stop_preparing()  # a new batch: the last one's preparation is moot
         if sampling.reward_features and room.advisor.model(room.workspace) is None:
             sampling = dataclasses.replace(sampling, reward_features=False)
 
@@ -80,12 +83,37 @@ class Runner:
                 return 0
             return room.engine.prepare_reference([Trace.from_dict(t) for t in traces])
 
-    def prepare_reference_in_background(self, traces: list[dict], model_key: str) -> threading.Thread:
-        """``prepare_reference`` on a thread of its own, for a caller that returns the traces
-        before it runs (the API's /generate: the pass runs while its client reads them, as it
-        does for the browser's cards). Returns the started thread."""
-        thread = threading.Thread(target=self.prepare_reference, args=(traces, model_key), daemon=True,
-                                  name="reference-pass")
+    def prepare_first_step(self, traces: list[dict], model_key: str, token: int | None = None) -> int:
+        """The first DPO step's per-trace gradients of a shown batch (``prepared.prepare_in_turns``),
+        stopped by a *Submit* or a new generation (after ``token`` was taken). Returns how many are ready."""
+        room = self.room
+        token = self._preparing if token is None else token
+        with room.lock:
+            try:
+                self.check_model(model_key)
+            except RankingError:
+                return 0
+            engine = room.engine
+        return prepare_in_turns(engine.trainer, engine.lock, [Trace.from_dict(t) for t in traces],
+                                lambda: self._preparing != token or room.engine is not engine)
+
+    def stop_preparing(self) -> None:
+        """Stop the first-step preparation of the last batch shown (within one trace)."""
+        self._preparing += 1
+
+    def prepare_in_background(self, traces: list[dict], model_key: str, reference: bool = True) -> threading.Thread:
+        """Prepare an update of a shown batch on a thread of its own while its reader reads:
+        the reference pass (unless ``reference`` is False: the browser runs it in the engine
+        queue), then the first step's gradients. Returns the started thread."""
+        self._preparing += 1
+        token = self._preparing
+
+        def prepare():
+            if reference:
+                self.prepare_reference(traces, model_key)
+            self.prepare_first_step(traces, model_key, token)
+
+        thread = threading.Thread(target=prepare, daemon=True, name="prepare-update")
         thread.start()
         self.reference_thread = thread
         return thread
@@ -119,6 +147,7 @@ class Runner:
             raise RankingError("Enter your name before submitting a ranking (it is stored with every ranking).")
         objs, indices, ranked = ranked_group(order, traces, negatives)
         self.check_model(model_key)
+        self.stop_preparing()  # the update takes what is prepared so far
         case = room.cases.get(objs[0].case_id)
         if not train_heldout and objs[0].case_id in room.heldout_ids():
             raise HeldOutCase(objs[0].case_id)

@@ -322,7 +322,8 @@ class ControlRoom:
         start loads them instead of replaying), then close the database (a temporary
         one is deleted)."""
         pending = self.runner.reference_thread
-        if pending is not None:  # an API batch's reference pass: let it store what it computes
+        if pending is not None:  # a batch's preparation: its reference pass stores what it computes
+            self.runner.stop_preparing()
             pending.join()
         with self.lock:
             path = self.engine.checkpoints.save_pending() if self.persistent else None

@@ -1,6 +1,8 @@
 """Policy updates from a clinician's ranking: DPO over all ranked pairs, or GRPO
 with rank rewards. Each optimisation step is one forward over the K ranked
-traces, the loss, backward, clip, AdamW step, zero_grad.
+traces, the loss, backward, clip, AdamW step, zero_grad (a DPO update's first
+step skips the forward and backward for traces prepared while the clinician
+read: prepared.py).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..model.folded import folded_adapters
 from ..model.frozen_prefix import replayed_frozen_prefix
 from ..rollout.records import Trace
 from ..rollout.logprobs import collate, completion_logps
+from .prepared import SEQUENCE_LEVEL, PreparedGradients, policy_logps
 from .losses import (
     DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean, sequence_logps,
 )
@@ -219,6 +222,7 @@ class PolicyTrainer:
         self.version = version  # bumped once per update that changed the weights
         self.optimizer: torch.optim.AdamW | None = None
         self.forward_passes = 0  # model forwards run by updates (a regression counter)
+        self.prepared = PreparedGradients()  # first-step gradients computed while the clinician reads
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         # fused: one kernel over all parameters, without the parameter-sized
@@ -239,11 +243,18 @@ class PolicyTrainer:
         """Rebuild AdamW from a saved state dict (checkpoint resume)."""
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(state)
+        self.prepared.clear()
 
     def reset(self) -> None:
         """Forget optimiser state (after the policy was reset or replaced)."""
         self.optimizer = None
         self.version = 0
+        self.prepared.clear()
+
+    def prepare(self, trace: Trace) -> bool:
+        """Compute ``trace``'s log-probs and gradient for the first step of a DPO update
+        under the current weights (prepared.py); False when that is not kept (full fine-tuning)."""
+        return self.prepared.prepare(self.lm, trace)
 
     def update(
         self,
@@ -286,6 +297,9 @@ class PolicyTrainer:
         params = lm.trainable_parameters
         saved = _snapshot(params, optimizer)  # for the KL guard-rail's rollback
         recompute = use_activation_checkpointing(config, lm.device)
+        prepared = self.prepared.take(params, traces)  # computed while the clinician read (prepared.py)
+        if config.algorithm not in SEQUENCE_LEVEL:
+            prepared = [None] * len(traces)
 
         step_loss = OBJECTIVES[config.algorithm](config, ranking, ranked, old_logps, ref_logps, mask)
         lm.model.train(True)
@@ -298,13 +312,13 @@ class PolicyTrainer:
             with onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
                 try:
                     for step in range(config.steps):
-                        logps = completion_logps(lm.model, batch, checkpoint_layers=recompute)
-                        self.forward_passes += 1
+                        logps, add_prepared = self._policy_logps(batch, recompute, prepared if step == 0 else [])
                         loss, metrics = step_loss(logps)
                         skipped = not bool(torch.isfinite(loss))
                         grad_norm = float("nan")
                         if not skipped:
                             loss.backward()
+                            add_prepared()
                             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                             skipped = not math.isfinite(grad_norm)
                             if not skipped:
@@ -338,6 +352,7 @@ class PolicyTrainer:
             skipped=applied == 0,
             version=self.version,
             seconds=time.perf_counter() - started,
+            prepared_traces=sum(entry is not None for entry in prepared),
             # what the ranking did to each trace (input order): log of how many times more
             # likely the policy now makes it than the policy that sampled it
             trace_logratio=[_finite(x) for x in ((after - old_logps) * mask).sum(-1).tolist()],
@@ -348,6 +363,15 @@ class PolicyTrainer:
         elif applied == 0:
             result["skip_reason"] = "no step applied: every step had a non-finite loss or gradient"
         return result
+
+    def _policy_logps(self, batch, recompute: bool, prepared: list) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Per-token log-probs under the policy with grad, and what to call after backward
+        (rows with a ``prepared`` entry come from it: prepared.policy_logps)."""
+        def forward(rows) -> torch.Tensor:
+            self.forward_passes += 1
+            return completion_logps(self.lm.model, rows, checkpoint_layers=recompute)
+
+        return policy_logps(batch, prepared, forward, self.lm.trainable_parameters)
 
     def _kl(self, batch, ref_logps: torch.Tensor, mask: torch.Tensor) -> tuple[float, torch.Tensor]:
         """KL from the reference now, over the ranked traces (k3, nats/token), and the
