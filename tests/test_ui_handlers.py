@@ -256,8 +256,10 @@ def test_the_first_steps_gradients_are_prepared_while_the_clinician_reads(tmp_pa
     generate_tab.prepare_reference(room, session)
     room.runner.reference_thread.join(timeout=60)  # outside the engine queue: Submit need not wait for it
     assert len(room.engine.trainer.prepared) == len(batch["traces"] + batch["negatives"])
-    submit(room, session, steps=1, negatives=True)
-    assert room.metrics("update")[-1]["prepared_traces"] == len(batch["traces"] + batch["negatives"])
+    outs = submit(room, session, steps=1, negatives=True)
+    trained = len(batch["traces"] + batch["negatives"])
+    assert room.metrics("update")[-1]["prepared_traces"] == trained
+    assert f"first step prepared while you read, {trained} of {trained} traces" in outs[-1]["update_status"]
     _, session = generate(room, session, k=3)  # a new batch stops the last one's preparation
     with room.lock:  # the preparation waits for the lock: the stop comes first
         room.runner.prepare_in_background(session["batch"]["traces"], session["batch"]["model_key"], reference=False)

@@ -187,7 +187,7 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
     verb = "NOT applied" if result.get("skipped") else "applied"
     summary = (f"{config.algorithm.upper()} update {verb} by {annotator}{below}: policy v{record['version_before']} → "
                f"v{result['version']} · loss {_num(result['loss'])} · KL {_num(result['kl'])} · "
-               f"{result['seconds']:.1f}s{skipped}")
+               f"{result['seconds']:.1f}s{_prepared(result, len(batch['traces']) + len(negatives))}{skipped}")
     summary += _what_it_did(result)
     summary += f" · stored as ranking #{record['ranking_id']} in workspace {room.workspace}"
     yield {"session": {**session, "batch": done_batch, "annotator": annotator},
@@ -195,6 +195,12 @@ def submit(room, session: dict, annotator: str, algorithm: str, beta, lr, steps,
            "update_status": status_html(summary, "warn" if skipped else "ok"), **ranking_view(done_batch),
            **heads_view(done_batch),
            **metrics_view(room), "_info": f"Policy updated to v{result['version']}"}
+
+
+def _prepared(result: dict, trained: int) -> str:
+    """How much of the first step was computed while the clinician read (training/prepared.py)."""
+    n = result.get("prepared_traces") or 0
+    return f" (first step prepared while you read, {n} of {trained} traces)" if n else ""
 
 
 def build_rank_panel(room, ui: dict) -> None:
