@@ -96,7 +96,7 @@ class PreparedGradients:
         was_training = lm.model.training
         lm.model.train(True)  # as the update runs it
         try:
-            with onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
+            with torch.enable_grad(), onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
                 logps = completion_logps(lm.model, batch)[0]
                 grads = torch.autograd.grad(logps.sum(), params, allow_unused=True)
         finally:
