@@ -260,9 +260,19 @@ def test_the_first_steps_gradients_are_prepared_while_the_clinician_reads(tmp_pa
     trained = len(batch["traces"] + batch["negatives"])
     assert room.metrics("update")[-1]["prepared_traces"] == trained
     assert f"first step prepared while you read, {trained} of {trained} traces" in outs[-1]["update_status"]
+    assert room.engine.version == 1
+    # policy v1: GRPO's first step reads the reference pass, which the preparation loads from the store
+    _, session = generate(room, session, k=3)
+    batch = session["batch"]
+    trained = len(batch["traces"] + batch["negatives"])
+    generate_tab.prepare_reference(room, session)  # the radio still says DPO
+    rank_tab.algorithm_changed(room, "GRPO", session)  # prepared again, for GRPO
+    room.runner.reference_thread.join(timeout=60)
+    submit(room, session, algorithm="GRPO", steps=1, negatives=True)
+    assert room.metrics("update")[-1]["prepared_traces"] == trained
     _, session = generate(room, session, k=3)  # a new batch stops the last one's preparation
     with room.lock:  # the preparation waits for the lock: the stop comes first
-        room.runner.prepare_in_background(session["batch"]["traces"], session["batch"]["model_key"], reference=False)
+        room.runner.prepare_in_background(session["batch"]["traces"], session["batch"]["model_key"])
         room.runner.stop_preparing()
     room.runner.reference_thread.join(timeout=60)
     assert len(room.engine.trainer.prepared) == 0

@@ -12,6 +12,7 @@ from .batch import CARD_OUTPUTS, MAX_CARDS, cards_view, live_cards_view, new_bat
 from .metrics_panel import metrics_view
 from .ranking import letter
 from .views import progress_html, status_html
+from .updates import ALGORITHMS
 from .wiring import engine_event
 
 CHART_OUTPUTS = [f"chart_{name}" for name in CHARTS]
@@ -85,15 +86,16 @@ def generate(room, session: dict, case_id: str | None, k: int, max_new_tokens: i
            **cards_view(batch), **ranking_view(batch), **metrics_view(room)}
 
 
-def prepare_reference(room, session: dict) -> dict:
+def prepare_reference(room, session: dict, algorithm_label: str = "DPO") -> dict:
     """Once the cards are shown: the reference pass their update will need (every trace
     that can be trained on), run while the clinician reads, so *Submit* starts training at
-    once; then, outside the engine queue, the first step's gradients (stopped by *Submit*)."""
+    once; then, outside the engine queue, the first step of the update chosen on the
+    radio (``algorithm_label``; stopped by *Submit*)."""
     batch = (session or {}).get("batch")
     if batch and not batch.get("submitted"):
         shown = [*batch["traces"], *(batch.get("negatives") or [])]
         room.runner.prepare_reference(shown, batch["model_key"])
-        room.runner.prepare_in_background(shown, batch["model_key"], reference=False)
+        room.runner.prepare_in_background(shown, batch["model_key"], ALGORITHMS.get(algorithm_label, "dpo"))
     return {}
 
 
@@ -154,4 +156,4 @@ def bind_generate(room, ui: dict) -> None:
                              ["session", "case_picker", "k", "max_new_tokens", "temperature", "budget", "rationalise",
                               "conclusion", "negatives"], OUTPUTS,
                              show_progress="minimal", show_progress_on=[ui["gen_progress"]])
-    engine_event(generated.then, prepare_reference, room, ui, ["session"], [], show_progress="hidden")
+    engine_event(generated.then, prepare_reference, room, ui, ["session", "algorithm"], [], show_progress="hidden")

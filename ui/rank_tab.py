@@ -22,11 +22,10 @@ from .case_panel import belief_view
 from .generate_tab import CHART_OUTPUTS
 from .metrics_panel import metrics_view
 from .ranking import HeldOutCase, RankingError, move
-from .updates import likelihood_changes
+from .updates import ALGORITHMS, likelihood_changes
 from .views import progress_html, status_html
 from .wiring import engine_event, light_event
 
-ALGORITHMS = {"DPO": "dpo", "GRPO": "grpo"}
 DEFAULTS = {"dpo": DPOConfig(), "grpo": GRPOConfig()}
 LOSS_TYPES = {"dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}
 SUBMIT_OUTPUTS = ["session", "update_progress", "update_status", "ranking", "rank_message", "header", "table", *CHART_OUTPUTS,
@@ -58,9 +57,13 @@ def move_down(room, session: dict, selected: str | None, *comments) -> dict:
     return move_trace(room, session, selected, +1, *comments)
 
 
-def algorithm_changed(room, label: str) -> dict:
-    """The advanced panel's defaults follow the algorithm (the engine's own defaults)."""
+def algorithm_changed(room, label: str, session: dict | None = None) -> dict:
+    """The advanced panel's defaults follow the algorithm (the engine's own defaults); the
+    first step of the shown batch's update is prepared again for it."""
     algo = ALGORITHMS.get(label, "dpo")
+    batch = (session or {}).get("batch")
+    if batch and not batch.get("submitted"):
+        room.runner.prepare_in_background([*batch["traces"], *(batch.get("negatives") or [])], batch["model_key"], algo)
     d = DEFAULTS[algo]
     return {"beta": d.beta, "loss_type": gr.update(choices=list(LOSS_TYPES[algo]), value=d.loss_type)}
 
@@ -236,7 +239,7 @@ def build_rank_panel(room, ui: dict) -> None:
 def bind_rank(room, ui: dict) -> None:
     light_event(ui["rank_up"].click, move_up, room, ui, ["session", "ranking", *COMMENTS], MOVE_OUTPUTS)
     light_event(ui["rank_down"].click, move_down, room, ui, ["session", "ranking", *COMMENTS], MOVE_OUTPUTS)
-    light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm"], ["beta", "loss_type"])
+    light_event(ui["algorithm"].input, algorithm_changed, room, ui, ["algorithm", "session"], ["beta", "loss_type"])
     light_event(ui["record_button"].click, record_only, room, ui, ["session", "annotator", "use_negatives", *COMMENTS],
                 ["session", "update_status", "ranking", "rank_message"], show_progress="minimal")
     updated = engine_event(ui["update_button"].click, submit, room, ui,

@@ -83,37 +83,36 @@ class Runner:
                 return 0
             return room.engine.prepare_reference([Trace.from_dict(t) for t in traces])
 
-    def prepare_first_step(self, traces: list[dict], model_key: str, token: int | None = None) -> int:
-        """The first DPO step's per-trace gradients of a shown batch (``prepared.prepare_in_turns``),
-        stopped by a *Submit* or a new generation (after ``token`` was taken). Returns how many are ready."""
+    def prepare_first_step(self, traces: list[dict], model_key: str, token: int | None = None,
+                           algorithm: str = "dpo") -> int:
+        """The first step of an ``algorithm`` update of a shown batch (``prepared.prepare_in_turns``),
+        after the traces' reference pass (loaded when stored, run when not: GRPO's first step
+        reads it); stopped by a *Submit* or a new generation (after ``token`` was taken).
+        Returns how many traces are ready."""
         room = self.room
         token = self._preparing if token is None else token
+        objs = [Trace.from_dict(t) for t in traces]
         with room.lock:
             try:
                 self.check_model(model_key)
             except RankingError:
                 return 0
             engine = room.engine
-        return prepare_in_turns(engine.trainer, engine.lock, [Trace.from_dict(t) for t in traces],
-                                lambda: self._preparing != token or room.engine is not engine)
+            engine.prepare_reference(objs)
+        return prepare_in_turns(engine.trainer, engine.lock, objs,
+                                lambda: self._preparing != token or room.engine is not engine, algorithm)
 
     def stop_preparing(self) -> None:
         """Stop the first-step preparation of the last batch shown (within one trace)."""
         self._preparing += 1
 
-    def prepare_in_background(self, traces: list[dict], model_key: str, reference: bool = True) -> threading.Thread:
-        """Prepare an update of a shown batch on a thread of its own while its reader reads:
-        the reference pass (unless ``reference`` is False: the browser runs it in the engine
-        queue), then the first step's gradients. Returns the started thread."""
-        self._preparing += 1
-        token = self._preparing
-
-        def prepare():
-            if reference:
-                self.prepare_reference(traces, model_key)
-            self.prepare_first_step(traces, model_key, token)
-
-        thread = threading.Thread(target=prepare, daemon=True, name="prepare-update")
+    def prepare_in_background(self, traces: list[dict], model_key: str, algorithm: str = "dpo") -> threading.Thread:
+        """``prepare_first_step`` on a thread of its own, while the batch's reader reads (the
+        browser's cards, the API's /generate); an earlier batch's preparation stops. Returns
+        the started thread."""
+        self.stop_preparing()
+        thread = threading.Thread(target=self.prepare_first_step, args=(traces, model_key, self._preparing, algorithm),
+                                  daemon=True, name="prepare-update")
         thread.start()
         self.reference_thread = thread
         return thread

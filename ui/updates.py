@@ -12,6 +12,8 @@ from rlhf_core.reward.reward_data import positions_changed
 
 from .ranking import validate_negatives, validate_order
 
+ALGORITHMS = {"DPO": "dpo", "GRPO": "grpo"}  # the update radio's labels -> rlhf_core's names
+
 
 def ranked_group(order: list[str], traces: list[dict], negatives: list[dict] | None) -> tuple[list[Trace], list[int], int | None]:
     """(traces, best-to-worst indices, ranked) for ``Engine.update``: the ordered

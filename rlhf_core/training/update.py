@@ -1,8 +1,8 @@
 """Policy updates from a clinician's ranking: DPO over all ranked pairs, or GRPO
 with rank rewards. Each optimisation step is one forward over the K ranked
-traces, the loss, backward, clip, AdamW step, zero_grad (a DPO update's first
-step skips the forward and backward for traces prepared while the clinician
-read: prepared.py).
+traces, the loss, backward, clip, AdamW step, zero_grad (the first step skips
+the forward and backward for traces prepared while the clinician read:
+prepared.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..model.folded import folded_adapters
 from ..model.frozen_prefix import replayed_frozen_prefix
 from ..rollout.records import Trace
 from ..rollout.logprobs import collate, completion_logps
-from .prepared import SEQUENCE_LEVEL, PreparedGradients, policy_logps
+from .prepared import PreparedGradients, policy_logps
 from .losses import (
     DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss, grpo_loss, group_advantages, k3_kl, masked_mean, sequence_logps,
 )
@@ -251,10 +251,10 @@ class PolicyTrainer:
         self.version = 0
         self.prepared.clear()
 
-    def prepare(self, trace: Trace) -> bool:
-        """Compute ``trace``'s log-probs and gradient for the first step of a DPO update
-        under the current weights (prepared.py); False when that is not kept (full fine-tuning)."""
-        return self.prepared.prepare(self.lm, trace)
+    def prepare(self, trace: Trace, algorithm: str = "dpo") -> bool:
+        """Compute what the first step of an ``algorithm`` update needs of ``trace`` under the
+        current weights (prepared.py); False when that is not kept (full fine-tuning)."""
+        return self.prepared.prepare(self.lm, trace, algorithm)
 
     def update(
         self,
@@ -297,9 +297,7 @@ class PolicyTrainer:
         params = lm.trainable_parameters
         saved = _snapshot(params, optimizer)  # for the KL guard-rail's rollback
         recompute = use_activation_checkpointing(config, lm.device)
-        prepared = self.prepared.take(params, traces)  # computed while the clinician read (prepared.py)
-        if config.algorithm not in SEQUENCE_LEVEL:
-            prepared = [None] * len(traces)
+        prepared = self.prepared.take(params, traces, config.algorithm)  # computed while the clinician read
 
         step_loss = OBJECTIVES[config.algorithm](config, ranking, ranked, old_logps, ref_logps, mask)
         lm.model.train(True)
