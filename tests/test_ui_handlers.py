@@ -265,8 +265,8 @@ def test_the_first_steps_gradients_are_prepared_while_the_clinician_reads(tmp_pa
     _, session = generate(room, session, k=3)
     batch = session["batch"]
     trained = len(batch["traces"] + batch["negatives"])
-    generate_tab.prepare_reference(room, session)  # the radio still says DPO
-    rank_tab.algorithm_changed(room, "GRPO", session)  # prepared again, for GRPO
+    rank_tab.algorithm_changed(room, "GRPO", session)  # picked before the queued preparation ran,
+    generate_tab.prepare_reference(room, session, "DPO")  # which read the radio when it was DPO
     room.runner.reference_thread.join(timeout=60)
     submit(room, session, algorithm="GRPO", steps=1, negatives=True)
     assert room.metrics("update")[-1]["prepared_traces"] == trained

@@ -95,7 +95,7 @@ def prepare_reference(room, session: dict, algorithm_label: str = "DPO") -> dict
     if batch and not batch.get("submitted"):
         shown = [*batch["traces"], *(batch.get("negatives") or [])]
         room.runner.prepare_reference(shown, batch["model_key"])
-        room.runner.prepare_in_background(shown, batch["model_key"], ALGORITHMS.get(algorithm_label, "dpo"))
+        room.runner.prepare_shown(batch, ALGORITHMS.get(algorithm_label, "dpo"))
     return {}
 
 

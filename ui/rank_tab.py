@@ -63,7 +63,7 @@ def algorithm_changed(room, label: str, session: dict | None = None) -> dict:
     algo = ALGORITHMS.get(label, "dpo")
     batch = (session or {}).get("batch")
     if batch and not batch.get("submitted"):
-        room.runner.prepare_in_background([*batch["traces"], *(batch.get("negatives") or [])], batch["model_key"], algo)
+        room.runner.prepare_shown(batch, algo, chosen=True)
     d = DEFAULTS[algo]
     return {"beta": d.beta, "loss_type": gr.update(choices=list(LOSS_TYPES[algo]), value=d.loss_type)}
 

@@ -4,6 +4,7 @@ room's one lock for the weights; handlers iterate the events it yields."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Iterator
@@ -22,6 +23,8 @@ from .jobs import Cancelled, Event, FinalEvent, stream_from_thread
 from .ranking import HeldOutCase, RankingError
 from .updates import likelihood_ratios, ranked_group, ranking_record, suggestion_record, update_extra
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # the room builds its runner
     from .state import ControlRoom
 
@@ -33,6 +36,7 @@ class Runner:
         self.room = room
         self.reference_thread: threading.Thread | None = None  # the last background preparation
         self._preparing = 0  # bumped to stop the background preparation of a batch
+        self._chosen: dict[str, str] = {}  # a shown batch's first trace id -> the update picked for it
 
     def sample(self, case: Case, sampling: SamplingConfig, rejection: RejectionConfig) -> Iterator[SamplerEvent]:
         """Rejection-sample verified traces, streaming ``SamplerEvent``s (the last is "done"
@@ -99,12 +103,26 @@ class Runner:
                 return 0
             engine = room.engine
             engine.prepare_reference(objs)
-        return prepare_in_turns(engine.trainer, engine.lock, objs,
-                                lambda: self._preparing != token or room.engine is not engine, algorithm)
+        ready = prepare_in_turns(engine.trainer, engine.lock, objs,
+                                 lambda: self._preparing != token or room.engine is not engine, algorithm)
+        log.info("first %s step prepared for %d of %d traces", algorithm.upper(), ready, len(objs))
+        return ready
 
     def stop_preparing(self) -> None:
         """Stop the first-step preparation of the last batch shown (within one trace)."""
         self._preparing += 1
+
+    def prepare_shown(self, batch: dict, algorithm: str, chosen: bool = False) -> threading.Thread:
+        """``prepare_in_background`` for a batch shown in the browser. ``chosen``: the clinician
+        just picked ``algorithm`` for it; a later call with the radio's earlier value (an event
+        queued before the pick) then prepares the picked one."""
+        shown = [*batch["traces"], *(batch.get("negatives") or [])]
+        key = shown[0]["trace_id"]
+        if chosen:
+            self._chosen[key] = algorithm
+            while len(self._chosen) > 64:  # one entry per recent batch, across sessions
+                self._chosen.pop(next(iter(self._chosen)))
+        return self.prepare_in_background(shown, batch["model_key"], self._chosen.get(key, algorithm))
 
     def prepare_in_background(self, traces: list[dict], model_key: str, algorithm: str = "dpo") -> threading.Thread:
         """``prepare_first_step`` on a thread of its own, while the batch's reader reads (the

@@ -107,11 +107,13 @@ class PreparedGradients:
         keys = {trace_key(t) for t in traces}
         self._traces = {k: v for k, v in self._traces.items() if k in keys}
 
-    def prepare(self, lm: LoadedModel, trace: Trace, algorithm: str = "dpo") -> bool:
+    def prepare(self, lm: LoadedModel, trace: Trace, algorithm: str = "dpo",
+                should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Compute ``trace``'s log-probs and basis gradients for ``algorithm``'s first step under
         the current weights (kept until the weights change or another prompt's trace is
         prepared). False when it is not worth keeping: full fine-tuning, no room left under
-        MAX_PREPARED_BYTES, or (GRPO) a trace without its stored log-probs."""
+        MAX_PREPARED_BYTES, (GRPO) a trace without its stored log-probs, or ``should_stop()``
+        turned true between its passes (a *Submit* waits for one pass, not a whole trace)."""
         if lm.lora is None or not trace.completion_ids:
             return False
         n = len(trace.completion_ids)
@@ -136,9 +138,12 @@ class PreparedGradients:
                 stored = [torch.tensor(x, dtype=torch.float32, device=lm.device) if len(x) == n else logps.detach()
                           for x in (trace.old_logps, trace.ref_logps)]
                 bases = basis_weights(algorithm, logps.detach(), batch.completion_mask[0], *stored)
-                grads = [torch.autograd.grad((logps * v).sum(), params, allow_unused=True,
-                                             retain_graph=b + 1 < len(bases))
-                         for b, v in enumerate(bases)]
+                grads = []
+                for b, v in enumerate(bases):
+                    if should_stop():
+                        return False
+                    grads.append(torch.autograd.grad((logps * v).sum(), params, allow_unused=True,
+                                                     retain_graph=b + 1 < len(bases)))
         finally:
             lm.model.train(was_training)
         self._traces[key] = PreparedTrace(algorithm, logps.detach(), bases, [
@@ -170,7 +175,7 @@ def prepare_in_turns(trainer, lock: ContextManager, traces: list[Trace],
         if should_stop():
             break
         with lock:
-            if not trainer.prepare(trace, algorithm):
+            if not trainer.prepare(trace, algorithm, should_stop):
                 break
         ready += 1
         time.sleep(0.001)  # a thread waiting for the lock takes it before the next trace

@@ -251,10 +251,10 @@ class PolicyTrainer:
         self.version = 0
         self.prepared.clear()
 
-    def prepare(self, trace: Trace, algorithm: str = "dpo") -> bool:
+    def prepare(self, trace: Trace, algorithm: str = "dpo", should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Compute what the first step of an ``algorithm`` update needs of ``trace`` under the
-        current weights (prepared.py); False when that is not kept (full fine-tuning)."""
-        return self.prepared.prepare(self.lm, trace, algorithm)
+        current weights (prepared.py); False when that is not kept (full fine-tuning) or stopped."""
+        return self.prepared.prepare(self.lm, trace, algorithm, should_stop)
 
     def update(
         self,

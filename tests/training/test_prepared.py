@@ -137,7 +137,9 @@ def test_bases_fit_a_gradient_in_their_span_and_nothing_else():
 
 def test_preparing_in_turns_stops_when_asked_and_forgets_an_earlier_batch(tiny_lora_lm, tiny_lm, traces):
     trainer, lock = PolicyTrainer(tiny_lora_lm), threading.RLock()
-    asked = iter([False, False, True])
-    assert prepare_in_turns(trainer, lock, traces[:3], lambda: next(asked)) == 2  # a Submit after two
+    assert prepare_in_turns(trainer, lock, traces[:3], lambda: len(trainer.prepared) >= 2) == 2  # a Submit after two
     assert prepare_in_turns(trainer, lock, traces[3:]) == 1 and len(trainer.prepared) == 1
     assert prepare_in_turns(PolicyTrainer(tiny_lm), lock, traces) == 0  # full fine-tuning keeps nothing
+    passes = iter([False, True])  # asked to stop after the forward and first backward of a GRPO trace
+    assert not trainer.prepare(traces[0], "grpo", lambda: next(passes))
+    assert trainer.prepared.take(tiny_lora_lm.trainable_parameters, traces[:1], "grpo") == [None]
