@@ -109,7 +109,7 @@ class Runner:
         return ready
 
     def stop_preparing(self) -> None:
-        """Stop the first-step preparation of the last batch shown (within one trace)."""
+        """Stop the first-step preparation of the last batch shown (within one forward or backward pass)."""
         self._preparing += 1
 
     def prepare_shown(self, batch: dict, algorithm: str, chosen: bool = False) -> threading.Thread:

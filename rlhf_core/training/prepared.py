@@ -165,7 +165,8 @@ def prepare_in_turns(trainer, lock: ContextManager, traces: list[Trace],
                      should_stop: Callable[[], bool] = lambda: False, algorithm: str = "dpo") -> int:
     """``trainer.prepare`` each of ``traces`` for ``algorithm`` (a ``PolicyTrainer``; what an earlier batch left
     is dropped), meant for while the clinician reads: one trace per hold of ``lock`` (the
-    engine's), so a generation or update asked for meanwhile waits for one trace at most.
+    engine's), so other model work waits for one trace at most, and a caller that stops it
+    (``should_stop``, checked between passes: a *Submit*, a new generation) one pass.
     Stops when ``should_stop()`` or when nothing is kept (full fine-tuning). Returns how many
     traces are ready."""
     with lock:
