@@ -87,14 +87,12 @@ class Runner:
                 return 0
             return room.engine.prepare_reference([Trace.from_dict(t) for t in traces])
 
-    def prepare_first_step(self, traces: list[dict], model_key: str, token: int | None = None,
-                           algorithm: str = "dpo") -> int:
+    def prepare_first_step(self, traces: list[dict], model_key: str, token: int, algorithm: str) -> int:
         """The first step of an ``algorithm`` update of a shown batch (``prepared.prepare_in_turns``),
         after the traces' reference pass (loaded when stored, run when not: GRPO's first step
         reads it); stopped by a *Submit* or a new generation (after ``token`` was taken).
         Returns how many traces are ready."""
         room = self.room
-        token = self._preparing if token is None else token
         objs = [Trace.from_dict(t) for t in traces]
         with room.lock:
             try:
