@@ -34,6 +34,11 @@ def new_batch(case_id: str, accepted: list[dict], rejected: list[dict], model_ke
     }
 
 
+def trainable(batch: dict) -> list[dict]:
+    """Every trace an update of the batch can train on: the rankable ones, then those below the line."""
+    return [*batch["traces"], *(batch.get("negatives") or [])]
+
+
 def with_suggestion(batch: dict, suggestion: dict | None) -> dict:
     """The batch pre-sorted by the reward model's suggestion (traces that may not be first
     still go to the bottom); the suggestion records the order as shown."""

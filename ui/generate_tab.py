@@ -8,7 +8,8 @@ from rlhf_core.rollout.sampler import RejectionConfig
 from rlhf_core.training.bounds import help_text
 
 from .charts import CHARTS
-from .batch import CARD_OUTPUTS, MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title, with_suggestion
+from .batch import (CARD_OUTPUTS, MAX_CARDS, cards_view, live_cards_view, new_batch, ranking_view, traces_title,
+                    trainable, with_suggestion)
 from .metrics_panel import metrics_view
 from .ranking import letter
 from .views import progress_html, status_html
@@ -93,8 +94,7 @@ def prepare_reference(room, session: dict, algorithm_label: str = "DPO") -> dict
     radio (``algorithm_label``; stopped by *Submit*)."""
     batch = (session or {}).get("batch")
     if batch and not batch.get("submitted"):
-        shown = [*batch["traces"], *(batch.get("negatives") or [])]
-        room.runner.prepare_reference(shown, batch["model_key"])
+        room.runner.prepare_reference(trainable(batch), batch["model_key"])
         room.runner.prepare_shown(batch, ALGORITHMS.get(algorithm_label, "dpo"))
     return {}
 

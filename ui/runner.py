@@ -19,6 +19,7 @@ from rlhf_core.simulate import SimulationSettings, clinicians_reward_model, play
 from rlhf_core.training.prepared import prepare_in_turns
 from rlhf_core.training.update import DPOConfig, GRPOConfig
 
+from .batch import trainable
 from .jobs import Cancelled, Event, FinalEvent, stream_from_thread
 from .ranking import HeldOutCase, RankingError
 from .updates import likelihood_ratios, ranked_group, ranking_record, suggestion_record, update_extra
@@ -114,7 +115,7 @@ class Runner:
         """``prepare_in_background`` for a batch shown in the browser. ``chosen``: the clinician
         just picked ``algorithm`` for it; a later call with the radio's earlier value (an event
         queued before the pick) then prepares the picked one."""
-        shown = [*batch["traces"], *(batch.get("negatives") or [])]
+        shown = trainable(batch)
         key = shown[0]["trace_id"]
         if chosen:
             self._chosen[key] = algorithm
