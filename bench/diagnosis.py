@@ -4,8 +4,10 @@
     python -m bench.diagnosis --no-run   # rewrite README from the stored reports only
 
 The reports are ``python -m rlhf_core diagnose`` JSON files in bench/diagnosis/:
-``before.json`` was measured on the code before the conclusion step (kept as the
-record it is), ``after.json`` is the current code, re-measured by this script.
+``before.json`` was measured on the code before the conclusion step, ``independent.json``
+on the constrained conclusion with each row's conclusion drawn independently (the default
+until arithmetic draws; ``diagnose --conclusion-draw independent`` reproduces it), both kept
+as the records they are; ``after.json`` is the current code, re-measured by this script.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from .common import write_readme_block
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "bench" / "diagnosis"
 BEGIN, END = "<!-- BEGIN diagnosis results -->", "<!-- END diagnosis results -->"
-LABELS = {"before": "before (free text, old prompt)", "after": "now (constrained conclusion, default settings)"}
+LABELS = {"before": "before (free text, old prompt)",
+          "independent": "constrained conclusion, independent draws",
+          "after": "now (constrained conclusion, arithmetic draws: default settings)"}
 
 
 def _pct(x: float | None) -> str:
@@ -60,7 +64,9 @@ def table(reports: dict[str, dict]) -> str:
         "outcome averaged over the constrained conclusion's draw, given the reasoning each trace sampled "
         "(each trace counts the model's probability of the correct candidate when it concluded, if its "
         "reasoning passes the filters with that conclusion): what re-drawing only the conclusions would "
-        "give on average, with less sampling noise than the one draw observed.",
+        "give on average, with less sampling noise than the one draw observed. With arithmetic draws the "
+        "chance of at least one accepted trace in a case re-draws the batch's one shared offset, so it is "
+        "the share of offsets that put at least one row's code on its correct candidate.",
         "",
         "| code | cases | accepted (all) | multiple choice | free text | concluded | cases with >= 1 accepted | "
         "accepted, reasoning first concluded another candidate | main rejection reasons | cut at the hard budget | "
@@ -94,7 +100,7 @@ def main(argv=None) -> None:
     if not args.no_run:
         subprocess.run([sys.executable, "-m", "rlhf_core", "diagnose", "--model", args.model, "--summary",
                         "--json-out", str(REPORTS / "after.json")], check=True, cwd=ROOT)
-    reports = {name: json.loads((REPORTS / f"{name}.json").read_text()) for name in ("before", "after")
+    reports = {name: json.loads((REPORTS / f"{name}.json").read_text()) for name in LABELS
                if (REPORTS / f"{name}.json").exists()}
     text = table(reports)
     print(text)

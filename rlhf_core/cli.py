@@ -188,6 +188,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose, format_report, write_report
     from .rollout.generation import SamplingConfig
+    from .training.bounds import help_text
     from .model.models import load_model
 
     cases = _load_cases(args.cases)
@@ -196,7 +197,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, conclusion=args.conclusion,
-        conclusion_score=args.conclusion_score,
+        conclusion_score=args.conclusion_score, conclusion_draw=args.conclusion_draw,
     )
 
     def progress(row: dict) -> None:
@@ -241,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     default_db = _default_db()
 
-    from .rollout.conclusion import CANDIDATE_SCORES, CONCLUSION_MODES
+    from .rollout.conclusion import CANDIDATE_SCORES, CONCLUSION_DRAWS, CONCLUSION_MODES
     from .rollout.generation import SamplingConfig
+    from .training.bounds import help_text
 
     sim = sub.add_parser("simulate", help="generate -> rank (scripted) -> update, without a browser")
     sim.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(REGISTRY)}, a hub id or a local folder")
@@ -342,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--conclusion", choices=list(CONCLUSION_MODES), default=CONCLUSION_MODES[0])
     dg.add_argument("--conclusion-score", choices=list(CANDIDATE_SCORES), default=SamplingConfig.conclusion_score,
                     help="how candidates are scored in the constrained mode")
+    dg.add_argument("--conclusion-draw", choices=list(CONCLUSION_DRAWS), default=SamplingConfig.conclusion_draw,
+                    help=help_text(SamplingConfig, "conclusion_draw"))
     dg.add_argument("--summary", action="store_true", help="print the totals only")
     dg.add_argument("--with-traces", action="store_true", help="keep every trace (text, tokens, verdict) in the JSON")
     dg.add_argument("--json-out", default=None, help="also write the whole report as JSON")

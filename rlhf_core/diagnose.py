@@ -42,20 +42,28 @@ def _belief_at_conclusion(case: Case, traces) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _acceptance_chance(case: Case, trace) -> float:
-    """The probability ``trace`` is accepted over its conclusion draw alone, given the
-    reasoning it sampled: the model's probability of the correct candidate when it
-    concluded, if the trace would pass the verifier and the degenerate filter with that
-    conclusion in place of the one drawn (0 otherwise). A trace whose conclusion was not
-    drawn from the candidates (free mode) counts what happened: 1 accepted, 0 not."""
+def _accepting_share(case: Case, trace) -> tuple[float, float]:
+    """(low, width): the part [low, low + width) of [0, 1) where ``trace``'s conclusion draw would have picked the
+    correct candidate, given the reasoning it sampled: its interval of the model's CDF over the
+    candidates (in their order), if the trace would pass the verifier and the degenerate filter
+    with that conclusion in place of the one drawn; empty (0, 0) otherwise. Its width is the
+    trace's chance of being accepted over the draw alone. A trace whose conclusion was not drawn
+    from the candidates (free mode) counts what happened: all of it accepted, or none."""
     c = trace.conclusion or {}
     probs, names, chosen = c.get("probabilities"), c.get("candidates"), c.get("chosen_text")
     right = _correct_candidate(case, names) if probs and names and chosen else None
     at = trace.text.rfind(chosen) if right is not None else -1
     if at < 0:
-        return float(bool(trace.verdict["accepted"]))
+        return 0.0, float(bool(trace.verdict["accepted"]))
     concluded_right = trace.text[:at] + names[right] + trace.text[at + len(chosen):]
-    return probs[right] if judge(concluded_right, case, hinted=trace.rationalised)["accepted"] else 0.0
+    if not judge(concluded_right, case, hinted=trace.rationalised)["accepted"]:
+        return 0.0, 0.0
+    return sum(probs[:right]), probs[right]
+
+
+def _acceptance_chance(case: Case, trace) -> float:
+    """The probability ``trace`` is accepted over its conclusion draw alone (``_accepting_share``)."""
+    return _accepting_share(case, trace)[1]
 
 
 def _chance_of_an_accepted_trace(chances: list[float]) -> float:
@@ -64,6 +72,37 @@ def _chance_of_an_accepted_trace(chances: list[float]) -> float:
     for q in chances:
         none *= 1.0 - q
     return 1.0 - none
+
+
+def _chance_with_codes(shares: list[tuple[float, float]], codes: list[float]) -> float:
+    """P(at least one accepted) when the batch drew at ``codes`` (``arithmetic_codes``: one
+    random offset shared by every row): the share of offsets that move at least one row's
+    code into its accepting share (low, width), i.e. the length of the union of the arcs
+    [low - code, low - code + width) on the circle [0, 1)."""
+    arcs = []
+    for (low, width), code in zip(shares, codes):
+        if width >= 1.0:
+            return 1.0
+        if width > 0:
+            start = (low - code) % 1.0
+            end = start + width
+            arcs += [(start, min(end, 1.0))] + ([(0.0, end - 1.0)] if end > 1.0 else [])
+    covered, reach = 0.0, 0.0
+    for start, end in sorted(arcs):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
+def _chance_of_an_accepted_trace_in(case: Case, traces) -> float:
+    """P(at least one of ``traces`` accepted) over the conclusion draws alone, for the way the
+    batch drew them: at evenly spread codes (arithmetic) or independently."""
+    shares = [_accepting_share(case, t) for t in traces]
+    codes = [(t.conclusion or {}).get("code") for t in traces]
+    if shares and all(code is not None for code in codes):
+        return _chance_with_codes(shares, codes)
+    return _chance_of_an_accepted_trace([width for _, width in shares])
 
 
 def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
@@ -88,7 +127,7 @@ def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
         # the same outcome in expectation over the conclusion draws (the reasoning as sampled):
         # what a re-draw of the conclusions would give on average, with less sampling noise
         "expected_accepted": sum(chances),
-        "chance_of_an_accepted_trace": _chance_of_an_accepted_trace(chances),
+        "chance_of_an_accepted_trace": _chance_of_an_accepted_trace_in(case, traces),
         **({"traces": [
             {"text": t.text, "completion_ids": t.completion_ids, "loss_mask": t.loss_mask, "verdict": t.verdict,
              "conclusion": t.conclusion, "finish_reason": t.finish_reason}

@@ -1,6 +1,8 @@
 """The diagnosis report: un-hinted acceptance and rejection reasons per case and overall."""
 import json
 
+import pytest
+
 from rlhf_core.clinical.cases import Case, save_cases_jsonl
 from rlhf_core.cli import main
 from rlhf_core.diagnose import diagnose, format_report
@@ -79,6 +81,29 @@ def test_the_expected_outcome_counts_the_chance_the_conclusion_draw_gave_the_rig
     free = _concluded(REASONING, "acute appendicitis", [], [])
     assert _acceptance_chance(FREE, free) == 1.0
     assert _chance_of_an_accepted_trace([0.5, 0.5]) == 0.75 and _chance_of_an_accepted_trace([]) == 0.0
+
+
+def test_with_evenly_spread_codes_the_chance_of_an_accepted_trace_is_the_union_of_arcs():
+    from rlhf_core.diagnose import _chance_of_an_accepted_trace_in, _chance_with_codes
+
+    # two rows, each accepted on half its CDF: independent draws give 3/4; codes half a turn
+    # apart make one of them land on the accepting half whatever the offset
+    assert _chance_with_codes([(0.0, 0.5), (0.0, 0.5)], [0.0, 0.5]) == pytest.approx(1.0)
+    assert _chance_with_codes([(0.0, 0.5), (0.0, 0.5)], [0.0, 0.0]) == pytest.approx(0.5)  # the same code: one arc
+    # (low, width) shares: an arc that wraps past 1 ([0.9, 1.2)) and one inside its wrapped part ([0.1, 0.2))
+    assert _chance_with_codes([(0.0, 0.3), (0.1, 0.1)], [0.1, 0.0]) == pytest.approx(0.3)
+    assert _chance_with_codes([(0.0, 0.3), (0.1, 0.1)], [0.1, 0.5]) == pytest.approx(0.4)  # [0.6, 0.7) apart
+    assert _chance_with_codes([(0.2, 0.0)], [0.4]) == 0.0 and _chance_with_codes([], []) == 0.0
+    assert _chance_with_codes([(0.0, 1.0)], [0.3]) == 1.0
+    names = ["renal colic", "acute appendicitis", "ovarian torsion"]
+    # the correct candidate holds [0.5, 0.7) of each row's CDF; codes 0.25 apart, four rows
+    rows = [_concluded(REASONING, "renal colic", [0.5, 0.2, 0.3], names) for _ in range(4)]
+    for j, t in enumerate(rows):
+        t.conclusion["code"] = j / 4
+    assert _chance_of_an_accepted_trace_in(FREE, rows) == pytest.approx(0.8)  # 4 arcs of 0.2, disjoint
+    for t in rows:
+        t.conclusion["code"] = None  # drawn independently: 1 - 0.8^4
+    assert _chance_of_an_accepted_trace_in(FREE, rows) == pytest.approx(1 - 0.8**4)
 
 
 def test_the_report_counts_accepted_traces_whose_reasoning_first_concluded_another_candidate():

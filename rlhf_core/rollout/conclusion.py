@@ -9,7 +9,10 @@ lettered options, each followed by the end-of-text token) by teacher forcing
 after its own reasoning, and one is drawn from those scores normalised over
 the candidates (``choose_candidate``). The answer is never forced in and
 nothing the model wrote is edited: the model picks among the candidates, and
-picks wrongly as often as its probabilities say.
+picks wrongly as often as its probabilities say. By default the rows of a
+batch draw with evenly spread codes (``arithmetic_codes``): each row still
+concludes with exactly its own probabilities, but a candidate held at 20% is
+drawn in about a fifth of the rows rather than, by chance, in none.
 
 Inserted label tokens ("scaffold") are masked out of every loss and log-prob
 sum (``Trace.loss_mask``); the log-probs stored for the chosen tokens are the
@@ -96,16 +99,42 @@ def candidate_probs(scores: list[float]) -> list[float]:
     return torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
 
 
-def choose_candidate(scores: list[float], temperature: float, generator: torch.Generator | None) -> int:
+CONCLUSION_DRAWS = ("arithmetic", "independent")
+
+
+def arithmetic_codes(k: int, generator: torch.Generator | None) -> list[float]:
+    """One code in [0, 1) per row of a batch [K]: a random offset plus the lattice j/K
+    (arithmetic sampling, Vilnis et al. 2023, https://arxiv.org/abs/2210.15458).
+
+    Each code on its own is uniform, so a row that inverts its candidates' CDF at its
+    code (``choose_candidate``) concludes with exactly its own probabilities; together
+    the codes are evenly spread, so a candidate the rows hold at probability p is drawn
+    in about pK rows, not anywhere from 0 to K as with independent draws."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = generator.device if generator is not None else None
+    offset = float(torch.rand(1, generator=generator, dtype=torch.float64, device=device))
+    return [(offset + j / k) % 1.0 for j in range(k)]
+
+
+def choose_candidate(scores: list[float], temperature: float, generator: torch.Generator | None,
+                     code: float | None = None) -> int:
     """Draw a candidate index with probability softmax(scores / temperature); the
-    argmax at temperature 0."""
+    argmax at temperature 0. With ``code`` (in [0, 1), from ``arithmetic_codes``) the
+    draw is the candidate whose interval of the CDF, in the candidates' order, holds it;
+    otherwise an independent draw from ``generator``."""
     if not scores:
         raise ValueError("no candidates to choose from")
     values = torch.tensor(scores, dtype=torch.float64)
     if temperature == 0:
         return int(values.argmax())
-    probs = torch.softmax(values / temperature, dim=0).float()
-    return int(torch.multinomial(probs, 1, generator=generator))
+    probs = torch.softmax(values / temperature, dim=0)
+    if code is None:
+        return int(torch.multinomial(probs.float(), 1, generator=generator))
+    if not 0 <= code < 1:
+        raise ValueError(f"a conclusion code must be in [0, 1), got {code}")
+    return min(int(torch.searchsorted(probs.cumsum(0), torch.tensor([code], dtype=torch.float64), right=True)),
+               len(scores) - 1)
 
 
 @dataclass
@@ -117,9 +146,11 @@ class RowConclusion:
     scaffold: list[int] = field(default_factory=list)  # the label tokens inserted for it, if any
     chosen: int | None = None  # candidate index once chosen
     probs: list[float] | None = None  # the model's probability of each candidate when it concluded
+    code: float | None = None  # where in [0, 1) its draw fell (arithmetic draws; None: independent)
 
 
-def conclusion_record(mode: str, state: RowConclusion | None, names: list[str], how: str | None = None) -> dict:
+def conclusion_record(mode: str, state: RowConclusion | None, names: list[str], how: str | None = None,
+                      draw: str | None = None) -> dict:
     """The ``Trace.conclusion`` dict: mode, whether it was constrained, what triggered it."""
     if mode == "free" or state is None or state.chosen is None:
         return {"mode": mode, "constrained": False, "trigger": state.trigger if state else None}
@@ -131,6 +162,8 @@ def conclusion_record(mode: str, state: RowConclusion | None, names: list[str], 
         "scaffold_tokens": len(state.scaffold),
         "candidates": list(names),
         "score": how,
+        "draw": draw,
+        "code": None if state.code is None else round(state.code, 6),
         "probabilities": [round(p, 6) for p in state.probs],
         "chosen": state.chosen,
         "chosen_text": names[state.chosen],
@@ -206,13 +239,15 @@ class Concluder:
         or one that stops here to conclude."""
         return [self._reasoning_token(i, sampled[i]) if self.decoding(i) else None for i in range(self.k)]
 
-    def conclude(self, i: int, chosen: int, candidate: list[int], probs: list[float]) -> list[int]:
+    def conclude(self, i: int, chosen: int, candidate: list[int], probs: list[float],
+                 code: float | None = None) -> list[int]:
         """Append the label (if inserted, masked out) and the chosen candidate's tokens
         to row ``i``; returns the tokens appended."""
         state = self.states[i]
         self.rows[i] += state.scaffold + candidate
         self.masks[i] += [0] * len(state.scaffold) + [1] * len(candidate)
-        state.chosen, state.probs, state.phase, self.finish[i] = chosen, list(probs), "done", "conclusion"
+        state.chosen, state.probs, state.code = chosen, list(probs), code
+        state.phase, self.finish[i] = "done", "conclusion"
         return state.scaffold + candidate
 
     def _stop_to_conclude(self, i: int, trigger: str) -> None:

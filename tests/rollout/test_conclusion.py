@@ -7,8 +7,8 @@ import torch
 
 from rlhf_core.clinical.cases import Case
 from rlhf_core.rollout.conclusion import (
-    TRIGGER_RE, Concluder, can_constrain, candidate_probs, candidate_scores, candidates, choose_candidate,
-    conclusion_record,
+    TRIGGER_RE, Concluder, arithmetic_codes, can_constrain, candidate_probs, candidate_scores, candidates,
+    choose_candidate, conclusion_record,
 )
 from rlhf_core.rollout.generation import SamplingConfig, sample_traces
 from rlhf_core.rollout.logprobs import collate, completion_logps
@@ -59,6 +59,40 @@ def test_choose_candidate_follows_the_models_probabilities():
     draws = [choose_candidate(scores, 1.0, gen) for _ in range(4000)]
     for index, p in enumerate(candidate_probs(scores)):
         assert abs(draws.count(index) / len(draws) - p) < 0.03
+
+
+def test_arithmetic_codes_are_each_uniform_and_together_evenly_spread():
+    gen = torch.Generator().manual_seed(1)
+    batches = [arithmetic_codes(8, gen) for _ in range(3000)]
+    for codes in batches[:50]:
+        gaps = sorted(codes)
+        assert all(0 <= c < 1 for c in codes)
+        assert [b - a for a, b in zip(gaps, gaps[1:])] == pytest.approx([1 / 8] * 7)
+    for row in (0, 5):  # each row's code on its own: uniform on [0, 1)
+        column = torch.tensor([codes[row] for codes in batches])
+        histogram = torch.histc(column, bins=4, min=0, max=1) / len(batches)
+        assert histogram.tolist() == pytest.approx([0.25] * 4, abs=0.03)
+    with pytest.raises(ValueError, match="k must be"):
+        arithmetic_codes(0, gen)
+
+
+def test_a_coded_draw_keeps_each_rows_probabilities_and_spreads_the_batch():
+    scores = [0.0, 2.0, 1.0]  # probabilities 0.09, 0.67, 0.24
+    probs = candidate_probs(scores)
+    gen = torch.Generator().manual_seed(3)
+    batches = [[choose_candidate(scores, 1.0, None, code) for code in arithmetic_codes(8, gen)] for _ in range(2000)]
+    for row in (0, 3, 7):  # every row concludes with the model's probabilities
+        column = [draws[row] for draws in batches]
+        for index, p in enumerate(probs):
+            assert abs(column.count(index) / len(column) - p) < 0.035
+    for draws in batches:  # ...and a batch holds each candidate in about p x 8 of its rows: never none at 0.24
+        for index, p in enumerate(probs):
+            assert int(8 * p) <= draws.count(index) <= int(8 * p) + 1
+    independent = [[choose_candidate(scores, 1.0, gen) for _ in range(8)] for _ in range(2000)]
+    assert sum(2 not in draws for draws in independent) > 100  # ~11% of independent batches miss it
+    assert choose_candidate(scores, 0.0, None, 0.99) == 1  # greedy ignores the code
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        choose_candidate(scores, 1.0, None, 1.0)
 
 
 # ---------------------------------------------------------------------------- the row policy
@@ -322,3 +356,22 @@ def test_a_stream_nobody_watches_concludes_every_row_at_the_end(tiny_lm, monkeyp
     assert passes == [3] and not any(any(u.complete) for u in updates[:-1])
     assert len(updates[-1].traces) == 3 and all(t.finish_reason == "conclusion" for t in updates[-1].traces)
 
+
+
+@pytest.mark.parametrize("draw", ["arithmetic", "independent"])
+def test_a_batchs_conclusions_are_drawn_at_evenly_spread_codes(tiny_lm, draw):
+    case = Case(id="t", question="Q?", answer="acute appendicitis", distractors=["mesenteric adenitis", "renal colic"])
+    traces = sample_traces(tiny_lm, case, SamplingConfig(k=6, max_new_tokens=8, seed=9, conclusion_draw=draw))
+    records = [t.conclusion for t in traces]
+    assert {r["draw"] for r in records} == {draw}
+    if draw == "independent":
+        assert {r["code"] for r in records} == {None}
+        return
+    codes = sorted(r["code"] for r in records)
+    assert [b - a for a, b in zip(codes, codes[1:])] == pytest.approx([1 / 6] * 5, abs=1e-5)
+    for r in records:  # each row concluded with the candidate whose share of its own CDF holds its code
+        cdf = torch.tensor(r["probabilities"], dtype=torch.float64).cumsum(0)
+        low = 0.0 if r["chosen"] == 0 else float(cdf[r["chosen"] - 1])
+        assert low - 1e-5 <= r["code"] < float(cdf[r["chosen"]]) + 1e-5
+    with pytest.raises(ValueError, match="conclusion_draw"):
+        SamplingConfig(conclusion_draw="stratified")
