@@ -62,8 +62,8 @@ class SamplingConfig:
                                              "it); saved with the workspace and every trace.")
     conclusion_score: str = setting("per_token", "How candidates are scored in the constrained mode: per_token (mean "
                                                  "log-prob of the conclusion's tokens) or sequence (their sum).")
-    # independent draws left 1 case in 4 of the library with no correct trace out of 8 where
-    # the model's beliefs gave it ~80% (the diagnosis report's "expected" column)
+    # diagnosis report, 109 cases x 8: cases with a correct trace 75.2% with independent draws,
+    # 89.9% with arithmetic ones (same reasoning re-drawn: expected 79.8% -> 88.8%), acceptance unchanged
     conclusion_draw: str = setting("arithmetic", "Constrained mode: how the rows of a batch draw their conclusions: "
                                                  "arithmetic (evenly spread codes: every row still concludes with its own "
                                                  "probabilities, and a candidate held at p is drawn in about p of the "
