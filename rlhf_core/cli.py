@@ -188,7 +188,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose, format_report, write_report
     from .rollout.generation import SamplingConfig
-    from .training.bounds import help_text
     from .model.models import load_model
 
     cases = _load_cases(args.cases)

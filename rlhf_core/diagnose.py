@@ -43,12 +43,13 @@ def _belief_at_conclusion(case: Case, traces) -> float | None:
 
 
 def _accepting_share(case: Case, trace) -> tuple[float, float]:
-    """(low, width): the part [low, low + width) of [0, 1) where ``trace``'s conclusion draw would have picked the
-    correct candidate, given the reasoning it sampled: its interval of the model's CDF over the
-    candidates (in their order), if the trace would pass the verifier and the degenerate filter
-    with that conclusion in place of the one drawn; empty (0, 0) otherwise. Its width is the
-    trace's chance of being accepted over the draw alone. A trace whose conclusion was not drawn
-    from the candidates (free mode) counts what happened: all of it accepted, or none."""
+    """(low, width): the part [low, low + width) of [0, 1) where ``trace``'s conclusion draw
+    would have picked the correct candidate, given the reasoning it sampled: its interval of the
+    model's CDF over the candidates (in their order), if the trace would pass the verifier and
+    the degenerate filter with that conclusion in place of the one drawn; empty (0, 0)
+    otherwise. Its width is the trace's chance of being accepted over the draw alone. A trace
+    whose conclusion was not drawn from the candidates (free mode) counts what happened: all of
+    it accepted, or none."""
     c = trace.conclusion or {}
     probs, names, chosen = c.get("probabilities"), c.get("candidates"), c.get("chosen_text")
     right = _correct_candidate(case, names) if probs and names and chosen else None
