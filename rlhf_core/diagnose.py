@@ -96,11 +96,10 @@ def _chance_with_codes(shares: list[tuple[float, float]], codes: list[float]) ->
     return covered
 
 
-def _chance_of_an_accepted_trace_in(case: Case, traces) -> float:
-    """P(at least one of ``traces`` accepted) over the conclusion draws alone, for the way the
-    batch drew them: at evenly spread codes (arithmetic) or independently."""
-    shares = [_accepting_share(case, t) for t in traces]
-    codes = [(t.conclusion or {}).get("code") for t in traces]
+def _chance_of_an_accepted_trace_in(shares: list[tuple[float, float]], codes: list[float | None]) -> float:
+    """P(at least one of a batch's traces accepted) over the conclusion draws alone, from their
+    accepting shares (``_accepting_share``) and recorded codes: at evenly spread codes
+    (arithmetic draws) or, where a code is missing, independently."""
     if shares and all(code is not None for code in codes):
         return _chance_with_codes(shares, codes)
     return _chance_of_an_accepted_trace([width for _, width in shares])
@@ -111,7 +110,7 @@ def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
     conclusions = Counter((getattr(t, "conclusion", None) or {}).get("trigger", "none") for t in traces)
     accepted = sum(bool(t.verdict["accepted"]) for t in traces)
     judged = sum(t.verdict["code"] not in ("no_conclusion", "empty") for t in traces)
-    chances = [_acceptance_chance(case, t) for t in traces]
+    shares = [_accepting_share(case, t) for t in traces]  # each runs the verifier once
     return {
         "case_id": case.id,
         "kind": "multiple_choice" if case.is_multiple_choice else "free_text",
@@ -127,8 +126,9 @@ def _case_row(case: Case, traces, with_traces: bool = False) -> dict:
         "belief_at_conclusion": _belief_at_conclusion(case, traces),
         # the same outcome in expectation over the conclusion draws (the reasoning as sampled):
         # what a re-draw of the conclusions would give on average, with less sampling noise
-        "expected_accepted": sum(chances),
-        "chance_of_an_accepted_trace": _chance_of_an_accepted_trace_in(case, traces),
+        "expected_accepted": sum(width for _, width in shares),
+        "chance_of_an_accepted_trace": _chance_of_an_accepted_trace_in(
+            shares, [(t.conclusion or {}).get("code") for t in traces]),
         **({"traces": [
             {"text": t.text, "completion_ids": t.completion_ids, "loss_mask": t.loss_mask, "verdict": t.verdict,
              "conclusion": t.conclusion, "finish_reason": t.finish_reason}

@@ -84,7 +84,7 @@ def test_the_expected_outcome_counts_the_chance_the_conclusion_draw_gave_the_rig
 
 
 def test_with_evenly_spread_codes_the_chance_of_an_accepted_trace_is_the_union_of_arcs():
-    from rlhf_core.diagnose import _chance_of_an_accepted_trace_in, _chance_with_codes
+    from rlhf_core.diagnose import _accepting_share, _chance_of_an_accepted_trace_in, _chance_with_codes
 
     # two rows, each accepted on half its CDF: independent draws give 3/4; codes half a turn
     # apart make one of them land on the accepting half whatever the offset
@@ -100,10 +100,14 @@ def test_with_evenly_spread_codes_the_chance_of_an_accepted_trace_is_the_union_o
     rows = [_concluded(REASONING, "renal colic", [0.5, 0.2, 0.3], names) for _ in range(4)]
     for j, t in enumerate(rows):
         t.conclusion["code"] = j / 4
-    assert _chance_of_an_accepted_trace_in(FREE, rows) == pytest.approx(0.8)  # 4 arcs of 0.2, disjoint
+    def chance():
+        return _chance_of_an_accepted_trace_in([_accepting_share(FREE, t) for t in rows],
+                                               [t.conclusion["code"] for t in rows])
+
+    assert chance() == pytest.approx(0.8)  # 4 arcs of 0.2, disjoint
     for t in rows:
         t.conclusion["code"] = None  # drawn independently: 1 - 0.8^4
-    assert _chance_of_an_accepted_trace_in(FREE, rows) == pytest.approx(1 - 0.8**4)
+    assert chance() == pytest.approx(1 - 0.8**4)
 
 
 def test_the_report_counts_accepted_traces_whose_reasoning_first_concluded_another_candidate():
