@@ -135,8 +135,9 @@ class PreparedGradients:
         try:
             with torch.enable_grad(), onednn_linear(lm.model, enabled=lm.device.type == "cpu"):
                 logps = completion_logps(lm.model, batch)[0]
-                stored = [torch.tensor(x, dtype=torch.float32, device=lm.device) if len(x) == n else logps.detach()
-                          for x in (trace.old_logps, trace.ref_logps)]
+                # GRPO's bases read the stored log-probs (their lengths checked above); DPO's do not
+                stored = ([torch.tensor(x, dtype=torch.float32, device=lm.device)
+                           for x in (trace.old_logps, trace.ref_logps)] if algorithm == "grpo" else [logps.detach()] * 2)
                 bases = basis_weights(algorithm, logps.detach(), batch.completion_mask[0], *stored)
                 grads = []
                 for b, v in enumerate(bases):
