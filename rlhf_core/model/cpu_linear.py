@@ -54,6 +54,16 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _linear_pointwise(a, b.t(), None)
 
 
+def _weight_grad(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
+    """grad_rows[M, out].T @ x_rows[M, in]: the weight's gradient [out, in]. oneDNN takes the
+    transposed operand through a reorder (a copy) and an inner dimension of M rows, where
+    MKL reads it in place: without AVX-512 MKL computes it 1.3-4x faster here (LM head 166 ->
+    114 ms at 128 rows, a LoRA B matrix 1.7 -> 0.4 ms), so only AVX-512 CPUs keep oneDNN."""
+    if has_avx512():
+        return _matmul(grad_rows.t(), x_rows)
+    return grad_rows.t().mm(x_rows)
+
+
 class OneDnnLinear(torch.autograd.Function):
     """``F.linear`` with oneDNN GEMMs in forward and backward."""
 
@@ -74,7 +84,7 @@ class OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _matmul(grad_rows, weight).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_weight = _matmul(grad_rows.t(), x.reshape(-1, x.shape[-1]))
+            grad_weight = _weight_grad(grad_rows, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(dim=0)
         return grad_x, grad_weight, grad_bias

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this 
 
 @pytest.mark.parametrize("shape", [(5, 8), (2, 5, 8), (3, 1, 8)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_forward_and_gradients_equal_f_linear(shape, with_bias):
+@pytest.mark.parametrize("avx512", [False, True])  # the weight's gradient takes MKL without AVX-512, oneDNN with it
+def test_forward_and_gradients_equal_f_linear(shape, with_bias, avx512, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "has_avx512", lambda: avx512)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, requires_grad=True)
     weight = torch.randn(6, 8, generator=gen, requires_grad=True)
