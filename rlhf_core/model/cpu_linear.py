@@ -8,7 +8,8 @@ without AVX-512 the balance turns: MKL is 5-25% faster at the decoder layers'
 shapes (forward and input gradient), oneDNN ~20% faster at the LM head's
 49152 x 576 forward. So ``onednn_wins`` routes by the CPU and the weight's
 shape: oneDNN everywhere with AVX-512, else only the LM head and LoRA's small
-adapters; ``RLHF_CPU_LINEAR=onednn`` or ``mkl`` fixes the choice instead. A
+adapters (and their weight gradients still take MKL: ``_weight_grad``);
+``RLHF_CPU_LINEAR=onednn`` or ``mkl`` fixes the choice instead. A
 rule rather than a timing at start-up (tried: on a noisy shared VM the choice
 at near-tie shapes flipped from one timing to the next, which would change the
 last bits of float32 results from one process to the next). The arithmetic is
