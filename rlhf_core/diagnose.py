@@ -62,11 +62,6 @@ def _accepting_share(case: Case, trace) -> tuple[float, float]:
     return sum(probs[:right]), probs[right]
 
 
-def _acceptance_chance(case: Case, trace) -> float:
-    """The probability ``trace`` is accepted over its conclusion draw alone (``_accepting_share``)."""
-    return _accepting_share(case, trace)[1]
-
-
 def _chance_of_an_accepted_trace(chances: list[float]) -> float:
     """P(at least one accepted) for independent draws with these chances."""
     none = 1.0

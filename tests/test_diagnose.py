@@ -66,7 +66,10 @@ REASONING = ("Key findings: right lower quadrant pain with fever and rebound ten
 
 
 def test_the_expected_outcome_counts_the_chance_the_conclusion_draw_gave_the_right_answer():
-    from rlhf_core.diagnose import _acceptance_chance, _chance_of_an_accepted_trace
+    from rlhf_core.diagnose import _accepting_share, _chance_of_an_accepted_trace
+
+    def _acceptance_chance(case, trace):  # the width of its accepting share
+        return _accepting_share(case, trace)[1]
 
     names = ["renal colic", "acute appendicitis", "ovarian torsion"]
     wrong = _concluded(REASONING, "renal colic", [0.5, 0.2, 0.3], names)
