@@ -191,9 +191,11 @@ class _ConclusionPlan:
             False: list(tok.encode("\n" + SCAFFOLD_TEXT, add_special_tokens=False)),
         }
 
-    def codes(self, k: int, generator) -> list[float] | None:
-        """Each row's conclusion code (arithmetic draws), or None for independent draws."""
-        return arithmetic_codes(k, generator) if self.mode == "constrained" and self.draw == "arithmetic" else None
+    def codes(self, k: int, generator, temperature: float) -> list[float] | None:
+        """Each row's conclusion code (arithmetic draws), or None for independent draws and
+        for greedy decoding (which concludes with the argmax and draws nothing)."""
+        drawn = self.mode == "constrained" and self.draw == "arithmetic" and temperature > 0
+        return arithmetic_codes(k, generator) if drawn else None
 
     def concluder(self, k: int, budget: int, decode, stop_rules: bool, sentence_after: int = 0) -> Concluder:
         return Concluder(k, budget, self.eos, decode, constrained=self.mode == "constrained",
@@ -218,7 +220,7 @@ def _conclude_rows(model, decoding, prompt_ids: list[int], concluder: Concluder,
                             [plan.sequences] * len(concluding), pad_id)
     for i, (scaffold_logps, candidate_logps) in zip(concluding, scored):
         scores = candidate_scores(candidate_logps, plan.score)
-        code = codes[i] if codes and temperature > 0 else None
+        code = codes[i] if codes else None
         chosen = choose_candidate(scores, 1.0 if temperature > 0 else 0.0, generator, code)
         concluder.conclude(i, chosen, plan.sequences[chosen], candidate_probs(scores), code)
         logps[i] += scaffold_logps + candidate_logps[chosen]
@@ -266,7 +268,7 @@ def sample_stream(
     concluder = plan.concluder(k, config.max_new_tokens, lambda ids: tok.decode(ids, skip_special_tokens=True),
                                not ignore_eos, config.wrap_up_tokens())
     rows = concluder.rows
-    codes = plan.codes(k, generator)
+    codes = plan.codes(k, generator, config.temperature)
 
     started = time.perf_counter()
     was_training = model.training
@@ -305,7 +307,8 @@ def sample_stream(
                         break
                     watched = enough is not None  # False: the caller reads ``complete`` and may stop the batch
                 logits = decoding.advance(next_tokens)
-            _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator, pad_id, sampled_logps, codes)
+            _conclude_rows(model, decoding, sample_prompt, concluder, plan, config.temperature, generator, pad_id,
+                           sampled_logps, codes)
             del decoding  # frees the decoder's packed weights before the reference is loaded
         # rows still reasoning when the caller had enough are dropped; the others are whole
         kept = [i for i in range(k) if concluder.states[i].phase == "done"]
