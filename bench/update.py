@@ -8,7 +8,8 @@ Both sides see identical token sequences: the completions are tokenised the
 way TRL tokenises prompt + completion, and our traces carry those ids. TRL's
 time is its training step alone (measured by a callback from step begin to
 step end, excluding its set-up); ours is the whole `PolicyTrainer.update` call
-(step plus the post-update KL pass). The first-step loss and log-probs are
+(step plus the post-update KL pass), and also timed to the end of its optimiser
+step (its ``on_step`` hook): the work TRL's step does. The first-step loss and log-probs are
 compared to check both compute the same thing. TRL runs twice: with its
 reference model in the step (default), and with ``precompute_ref_log_probs=True``
 (its reference pass before training, closer to our stored reference log-probs).
@@ -64,15 +65,18 @@ def run_ours(model_name: str, lora: bool, prompt_ids, completions, repeats: int,
     lm = load_model(model_name, device="cpu", dtype="float32", lora=lora)
     traces = ours_traces(lm, prompt_ids, completions)
     ranking = list(range(len(traces)))
-    times, first = [], None
+    times, step_times, first = [], [], None
     for _ in range(repeats + 1):  # the first call warms up allocators
         lm.reset_to_reference()
         trainer = PolicyTrainer(lm)
+        stepped = []  # on_step fires once the optimiser step is taken, before the post-update KL pass
         start = time.perf_counter()
-        metrics = trainer.update(traces, ranking, DPOConfig(steps=1, lr=lr, checkpoint_activations=checkpointed))
+        metrics = trainer.update(traces, ranking, DPOConfig(steps=1, lr=lr, checkpoint_activations=checkpointed),
+                                 on_step=lambda _: stepped.append(time.perf_counter()))
         times.append(time.perf_counter() - start)
+        step_times.append(stepped[-1] - start)
         first = first or metrics
-    return times[1:], first
+    return times[1:], step_times[1:], first
 
 
 def gemm_peak_gflops(repeats: int = 20) -> float:
@@ -192,8 +196,9 @@ def main(argv=None) -> list[dict]:
         lora = mode == "lora"
         lr = lora_lr(LoraSettings()) if lora else FULL_LR
         # like TRL's default, no activation checkpointing; the checkpointed (low-memory) run is reported beside it
-        ours_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=False)
-        ours_ck_t, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)
+        ours_t, ours_step_t, ours_m = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr,
+                                               checkpointed=False)
+        ours_ck_t, _, _ = run_ours(args.model, lora, prompt_ids, completions, args.repeats, lr, checkpointed=True)
         trl_t, trl_m = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr)
         trl_pre_t, _ = run_trl(args.model, lora, prompt_text, texts, args.repeats, lr, precompute=True)
         layer_params, head_params = parameter_counts(lm)
@@ -208,6 +213,8 @@ def main(argv=None) -> list[dict]:
             "speedup": median(trl_t) / median(ours_t),
             "ours_checkpointed_update_s": median(ours_ck_t), "speedup_checkpointed": median(trl_t) / median(ours_ck_t),
             "trl_precomputed_step_s": median(trl_pre_t), "speedup_vs_precomputed": median(trl_pre_t) / median(ours_t),
+            # the work TRL's timed step does: ours up to its optimiser step, without the post-update KL pass
+            "ours_step_s": median(ours_step_t), "step_speedup_vs_precomputed": median(trl_pre_t) / median(ours_step_t),
             "adapted_layers": adapted, "update_gflop": gflop, "gemm_peak_gflops": peak, "layer_params": layer_params, "head_params": head_params,
             "roofline_fraction": gflop / median(ours_t) / peak,
             "loss_ours": ours_m["loss"], "loss_trl": trl_m.get("loss"),
