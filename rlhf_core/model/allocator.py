@@ -10,6 +10,14 @@ jemalloc (within this VM's noise), while TRL's step ran ~30% faster. (Forcing
 glibc to mmap the tensors instead fixes the memory but costs ~50% more update
 time in page faults.)
 
+The other way round, glibc told to keep what it frees (arenas capped, mmap threshold
+32 MB, no trimming) ends the page faults jemalloc costs (it hands every freed block of
+8 MB or more back to the kernel, ~3 GiB an update at ~0.5 s/GiB): updates ran 9-25%
+faster in four of five alternating pairings (equal in one), but the app's resident
+memory after five generate + update rounds over the API was 6.0 GB against 2.0 GB on
+jemalloc, as every thread's high-water mark stays. Not worth it; measured 2026-12-07
+(issue 12's closing note).
+
 Without either library, glibc is capped at two malloc arenas (``MALLOC_ARENA_MAX``):
 glibc gives each thread that allocates its own arena, up to 8 per core, and every
 arena keeps its own fragmented free memory. The control room runs model work on
